@@ -1,0 +1,3 @@
+from canal.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""The `canal` command. Exit codes: 0 ok, 1 rejected input, 2 usage error; never a traceback for bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import click
+import yaml
+
+from canal import __version__
+from canal.desired import DesiredState
+from canal.files import LoadError, load_documents
+from canal.serialize import SECTIONS, render_state
+from canal.snapshot import Snapshot, parse_object
+from canal.translate import translate
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+
+_FILES = click.option(
+    "-f",
+    "--filename",
+    "paths",
+    multiple=True,
+    required=True,
+    metavar="PATH",
+    help="YAML or JSON file, or directory (read recursively); '-' reads stdin. Repeatable.",
+)
+
+
+def _load(paths: Sequence[str]) -> tuple[Snapshot, int]:
+    """Read and parse the files; unreadable input ends the command with exit code 1."""
+    try:
+        documents = load_documents(paths)
+    except LoadError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+    ignored = 0
+    for doc in documents:
+        if parse_object(doc.data) is None:
+            ignored += 1
+            logging.getLogger("canal.files").info(
+                "%s: %s %s is not a kind Canal reads; ignored",
+                doc.source,
+                doc.data.get("apiVersion"),
+                doc.data.get("kind"),
+            )
+    return Snapshot.from_dicts(d.data for d in documents), ignored
+
+
+def _translate(paths: Sequence[str]) -> tuple[Snapshot, DesiredState]:
+    snapshot, _ = _load(paths)
+    return snapshot, translate(snapshot)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="canal")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Canal moves Istio east-west traffic from per-pod sidecars to shared gateway Envoys.
+
+    It binds VirtualServices to an InternalGateway, programs the gateway Envoys over xDS, rewrites Service
+    names to the gateway in DNS, and redirects ClusterIPs to it on every node.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@_FILES
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option("--only", type=click.Choice(SECTIONS), help="Print one section of the desired state.")
+def render(paths: tuple[str, ...], fmt: str, only: str | None) -> None:
+    """Print the desired state the objects in PATH translate to.
+
+    Sections: envoy (listeners, route configs, clusters and endpoints per InternalGateway), dns (rewritten
+    names), redirects (ClusterIP -> gateway rules for the node agents) and status. Rejected objects are left
+    out and listed under status; the exit code is 1 only when the input cannot be read.
+    """
+    _, state = _translate(paths)
+    data = render_state(state, only)
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True), nl=False)
+    rejected = len(state.rejections())
+    if rejected:
+        click.echo(f"note: {rejected} rejection(s); see status or run `canal validate`", err=True)
+
+
+@cli.command()
+@_FILES
+@click.option("--warnings/--no-warnings", default=True, show_default=True, help="Also print caveats on stderr.")
+def validate(paths: tuple[str, ...], warnings: bool) -> None:
+    """Check the objects in PATH; print one line per rejection and exit 1 if there is any.
+
+    Each line reads `Kind namespace/name: field: reason`. Caveats (ignored fields, names routed by no
+    one) go to stderr and do not fail validation.
+    """
+    snapshot, state = _translate(paths)
+    rejections = state.rejections()
+    for rejection in rejections:
+        click.echo(str(rejection))
+    if warnings:
+        caveats = sorted({c for s in state.status.values() for c in s.caveats})
+        for caveat in caveats:
+            click.echo(f"warning: {caveat}", err=True)
+    rejected_objects = len({r.ref for r in rejections})
+    click.echo(
+        f"{snapshot.count()} object(s) read, {rejected_objects} rejected, {len(rejections)} problem(s)",
+        err=True,
+    )
+    sys.exit(EXIT_REJECTED if rejections else EXIT_OK)
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="canal", standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

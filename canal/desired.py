@@ -1,0 +1,276 @@
+"""The desired state: what every publisher (xDS, DNS, node agents, status writer) is told to make true.
+
+Plain, immutable data with Envoy's semantics but not Envoy's protos, so translation stays pure and cheap; the xDS
+builders turn it into protos. Mappings are read-only views; their order carries no meaning (renderers sort).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from canal.model.base import Caveat, ObjectRef, Rejection
+from canal.model.istio import (
+    ConsistentHash,
+    CorsPolicy,
+    DirectResponse,
+    Fault,
+    HeaderOps,
+    OutlierDetection,
+    Redirect,
+    TcpKeepalive,
+)
+
+EMPTY: Mapping[Any, Any] = MappingProxyType({})
+
+
+def frozen_map(data: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """A read-only view over a private copy."""
+    return MappingProxyType(dict(data)) if data else EMPTY
+
+
+# ------------------------------------------------------------------------------------------------- Envoy
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatch:
+    kind: str  # exact, prefix, regex
+    value: str
+    ignore_case: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatcher:
+    name: str  # lower case; pseudo-headers (:method, :authority, :scheme) included
+    kind: str  # exact, prefix, regex, present
+    value: str = ""
+    invert: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatcher:
+    name: str
+    kind: str  # exact, prefix, regex, present
+    value: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    path: PathMatch
+    headers: tuple[HeaderMatcher, ...] = ()
+    query: tuple[QueryMatcher, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterWeight:
+    cluster: str
+    weight: int
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int
+    retry_on: tuple[str, ...]
+    per_try_timeout_ms: int | None = None
+    retriable_status_codes: tuple[int, ...] = ()
+    backoff_ms: int | None = None
+    retry_remote_localities: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPolicy:
+    cluster: str
+    percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    key: str  # header, cookie, source_ip, query
+    name: str = ""
+    cookie_path: str = ""
+    cookie_ttl_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    clusters: tuple[ClusterWeight, ...]
+    timeout_ms: int = 0  # 0 disables the route timeout, as Istio does by default
+    retry: RetryPolicy | None = None
+    prefix_rewrite: str | None = None  # replaces the matched prefix (the whole path for exact/regex matches)
+    regex_rewrite: tuple[str, str] | None = None  # (RE2 pattern, substitution)
+    host_rewrite: str = ""
+    mirrors: tuple[MirrorPolicy, ...] = ()
+    hash_policies: tuple[HashPolicy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str  # <namespace>/<VirtualService>/<http index>/<match index>: where a route came from
+    match: RouteMatch
+    action: Forward | Redirect | DirectResponse
+    fault: Fault | None = None
+    cors: CorsPolicy | None = None
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+
+    @property
+    def clusters(self) -> tuple[str, ...]:
+        if not isinstance(self.action, Forward):
+            return ()
+        return tuple(c.cluster for c in self.action.clusters) + tuple(m.cluster for m in self.action.mirrors)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    virtual_hosts: Mapping[str, VirtualHost] = field(default_factory=lambda: EMPTY)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpProxy:
+    clusters: tuple[ClusterWeight, ...]
+    source: str  # the VirtualService tcp route it came from
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    port: int
+    protocol: str  # HTTP or TCP
+    route_config: str = ""
+    http_filters: tuple[str, ...] = ()  # only what some route needs ("fault", "cors"); the router is implied
+    tcp: TcpProxy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakers:
+    max_connections: int
+    max_pending_requests: int
+    max_requests: int
+    max_retries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    service: str  # namespace/name
+    fqdn: str
+    port: int
+    subset: str
+    lb_policy: str  # ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV
+    connect_timeout_ms: int
+    circuit_breakers: CircuitBreakers
+    http2: bool = False
+    consistent_hash: ConsistentHash | None = None
+    outlier_detection: OutlierDetection | None = None
+    idle_timeout_ms: int | None = None
+    max_requests_per_connection: int | None = None
+    max_connection_duration_ms: int | None = None
+    max_concurrent_streams: int | None = None
+    tcp_keepalive: TcpKeepalive | None = None
+    warmup_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    node_name: str = ""
+    zone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterLoadAssignment:
+    cluster: str
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyConfig:
+    """Everything one group of gateway Envoys (one InternalGateway) is told over xDS."""
+
+    listeners: Mapping[str, Listener] = field(default_factory=lambda: EMPTY)
+    route_configs: Mapping[str, RouteConfig] = field(default_factory=lambda: EMPTY)
+    clusters: Mapping[str, Cluster] = field(default_factory=lambda: EMPTY)
+    endpoints: Mapping[str, ClusterLoadAssignment] = field(default_factory=lambda: EMPTY)
+
+
+# ---------------------------------------------------------------------------------------- DNS, redirects
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRecord:
+    fqdn: str  # lower case, no trailing dot
+    addresses: tuple[str, ...]  # IPv4 and IPv6 gateway addresses, sorted
+    ttl: int
+    gateway: str  # the InternalGateway (namespace/name) that owns the name
+    mode: str  # coredns or server
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RedirectKey:
+    cluster_ip: str
+    protocol: str  # tcp
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectRule:
+    key: RedirectKey
+    backends: tuple[Backend, ...]  # gateway pods (same port), sorted
+    service: str  # namespace/name of the migrated Service
+    gateway: str
+    mode: str  # nftables or ipvs
+
+
+# --------------------------------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    type: str
+    status: str  # "True" or "False"
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectStatus:
+    ref: ObjectRef
+    generation: int
+    conditions: tuple[Condition, ...] = ()
+    rejections: tuple[Rejection, ...] = ()
+    caveats: tuple[Caveat, ...] = ()
+    bound: frozenset[str] = frozenset()  # VirtualService: InternalGateways; InternalGateway: VirtualServices
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self.rejections)
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredState:
+    envoy: Mapping[str, EnvoyConfig] = field(default_factory=lambda: EMPTY)  # by InternalGateway (xDS node group)
+    dns: Mapping[str, DnsRecord] = field(default_factory=lambda: EMPTY)  # by FQDN
+    redirects: Mapping[RedirectKey, RedirectRule] = field(default_factory=lambda: EMPTY)
+    status: Mapping[ObjectRef, ObjectStatus] = field(default_factory=lambda: EMPTY)
+
+    def rejections(self) -> list[Rejection]:
+        return sorted({r for s in self.status.values() for r in s.rejections})

@@ -1,0 +1,136 @@
+"""Canal's own API: InternalGateway (canal.io/v1alpha1), which adopts exactly one Istio Gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from canal.model.base import FieldError, Issues, Meta, Node, ObjectRef, parse_meta
+from canal.model.values import (
+    LabelSelector,
+    check_dns_subdomain,
+    check_ip,
+    check_labels,
+    is_dns_label,
+    parse_label_selector,
+)
+
+GROUP = "canal.io"
+VERSION = "v1alpha1"
+DNS_MODES = ("coredns", "server", "none")
+REDIRECT_MODES = ("nftables", "ipvs", "none")
+DEFAULT_TTL = 5
+MAX_TTL = 86400
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class NamespacedName:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class InternalGateway:
+    meta: Meta
+    gateway: NamespacedName
+    workload_selector: tuple[tuple[str, str], ...]  # empty: use the Istio Gateway's own selector
+    address_service: NamespacedName | None
+    address_ips: tuple[str, ...]
+    cluster_domain: str = "cluster.local"
+    dns_mode: str = "coredns"
+    dns_ttl: int = DEFAULT_TTL
+    redirect_mode: str = "nftables"
+    namespace_selector: LabelSelector | None = None  # None selects no namespace; an empty selector all
+
+    @property
+    def ref(self) -> ObjectRef:
+        return ObjectRef("InternalGateway", self.meta.namespace, self.meta.name)
+
+    @property
+    def key(self) -> str:
+        """The xDS node group of the gateway Envoys this InternalGateway programs."""
+        return f"{self.meta.namespace}/{self.meta.name}"
+
+
+def _ref(node: Node, default_namespace: str) -> NamespacedName:
+    name = node.str("name", required=True)
+    namespace = node.str("namespace", default=default_namespace)
+    for key, value in (("name", name), ("namespace", namespace)):
+        if not is_dns_label(value) and not (key == "name" and _is_subdomain(value)):
+            raise node.fail(key, f"is not a valid Kubernetes name: {value!r}")
+    node.done()
+    return NamespacedName(namespace, name)
+
+
+def _is_subdomain(value: str) -> bool:
+    try:
+        check_dns_subdomain(value, "")
+    except FieldError:
+        return False
+    return True
+
+
+def parse_internal_gateway(obj: Mapping[str, Any], issues: Issues) -> InternalGateway:
+    meta = parse_meta(obj, issues)
+    spec = Node(obj.get("spec") or {}, "spec", issues)
+    gateway_node = spec.node("gatewayRef")
+    if gateway_node is None:
+        raise spec.fail("gatewayRef", "is required: an InternalGateway names exactly one Istio Gateway")
+    gateway = _ref(gateway_node, meta.namespace)
+    workload = check_labels(spec.str_map("workloadSelector"), spec.at("workloadSelector"))
+
+    address_service, address_ips = None, ()
+    address = spec.node("address")
+    if address is not None:
+        service_node = address.node("serviceRef")
+        ips = address.str_list("ips")
+        if service_node is not None and ips:
+            raise FieldError(address.path, "set either serviceRef or ips, not both")
+        if service_node is not None:
+            address_service = _ref(service_node, meta.namespace)
+        address_ips = tuple(check_ip(ip, f"{address.at('ips')}[{i}]") for i, ip in enumerate(ips))
+        if len(set(address_ips)) != len(address_ips):
+            raise address.fail("ips", "lists an address twice")
+        if address_service is None and not address_ips:
+            raise FieldError(address.path, "must set serviceRef or ips")
+        address.done()
+
+    domain = check_dns_subdomain(
+        spec.str("clusterDomain", default="cluster.local").rstrip("."), spec.at("clusterDomain")
+    )
+    dns_mode, dns_ttl = "coredns", DEFAULT_TTL
+    dns = spec.node("dns")
+    if dns is not None:
+        dns_mode = dns.str("mode", default="coredns")
+        if dns_mode not in DNS_MODES:
+            raise dns.fail("mode", f"must be one of {', '.join(DNS_MODES)}, got {dns_mode!r}")
+        dns_ttl = dns.int("ttl", default=DEFAULT_TTL, lo=0, hi=MAX_TTL)
+        dns.done()
+    redirect_mode = "nftables"
+    redirect = spec.node("redirect")
+    if redirect is not None:
+        redirect_mode = redirect.str("mode", default="nftables")
+        if redirect_mode not in REDIRECT_MODES:
+            raise redirect.fail("mode", f"must be one of {', '.join(REDIRECT_MODES)}, got {redirect_mode!r}")
+        redirect.done()
+    if dns_mode != "none" and address is None:
+        raise spec.fail("address", f"is required when dns.mode is {dns_mode}: rewritten names must point somewhere")
+    selector_node = spec.node("namespaceSelector")
+    selector = parse_label_selector(selector_node) if selector_node is not None else None
+    spec.done()
+    return InternalGateway(
+        meta=meta,
+        gateway=gateway,
+        workload_selector=workload,
+        address_service=address_service,
+        address_ips=address_ips,
+        cluster_domain=domain,
+        dns_mode=dns_mode,
+        dns_ttl=dns_ttl if dns_ttl is not None else DEFAULT_TTL,
+        redirect_mode=redirect_mode,
+        namespace_selector=selector,
+    )

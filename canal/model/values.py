@@ -1,0 +1,211 @@
+"""Scalar value types shared by the Istio, Kubernetes and Canal parsers: durations, regexes, IPs, selectors."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+import re2
+
+from canal.model.base import FieldError, Node
+
+# Envoy refuses regexes whose RE2 program size exceeds the runtime key re2.max_program_size.error_level
+# (Envoy's own default is 100; Istio's bootstrap raises it to 32768 and so does Canal's). Checked here so a
+# VirtualService is rejected with a reason instead of the whole route configuration being NACKed.
+MAX_REGEX_PROGRAM_SIZE = 32768
+
+_DURATION_UNITS_NS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "μs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_MAX_DURATION_MS = 315_576_000_000_000  # protobuf Duration limit: 10,000 years
+
+
+def parse_duration_ms(text: str, path: str, *, minimum_ms: int = 1) -> int:
+    """Istio durations: Go syntax ("1h30m", "250ms") or protobuf JSON ("1.5s"), millisecond precision.
+
+    Istio itself rejects sub-millisecond precision and durations under 1 ms for timeouts and intervals.
+    """
+    raw = text.strip()
+    if raw == "0":
+        total_ns = 0
+    else:
+        if raw.startswith("-"):
+            raise FieldError(path, f"must not be negative, got {text!r}")
+        pos, total_ns = 0, 0
+        for part in _DURATION_PART.finditer(raw):
+            if part.start() != pos:
+                break
+            pos = part.end()
+            number, unit = part.groups()
+            whole, _, frac = number.partition(".")
+            scale = _DURATION_UNITS_NS[unit]
+            total_ns += int(whole or 0) * scale + (int(frac) * scale // 10 ** len(frac) if frac else 0)
+        if pos != len(raw) or not raw:
+            raise FieldError(path, f"is not a duration like 10s, 250ms or 1h30m: {text!r}")
+    if total_ns % 1_000_000:
+        raise FieldError(path, f"only millisecond precision is supported, got {text!r}")
+    ms = total_ns // 1_000_000
+    if ms < minimum_ms:
+        raise FieldError(path, f"must be at least {minimum_ms}ms, got {text!r}")
+    if ms > _MAX_DURATION_MS:
+        raise FieldError(path, f"is out of range: {text!r}")
+    return ms
+
+
+def read_duration_ms(node: Node, key: str, *, minimum_ms: int = 1) -> int | None:
+    value = node.raw(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise node.fail(key, f"must be a duration string such as '5s', not {value!r}")
+    return parse_duration_ms(value, node.at(key), minimum_ms=minimum_ms)
+
+
+def format_duration_ms(ms: int) -> str:
+    """The shortest exact rendering: 1500 -> '1.5s', 120000 -> '120s', 5 -> '0.005s' (protobuf JSON form)."""
+    seconds, millis = divmod(ms, 1000)
+    return f"{seconds}s" if not millis else f"{seconds}.{millis:03d}".rstrip("0") + "s"
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+@lru_cache(maxsize=4096)
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        compiled = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as err:
+        detail = err.args[0] if err.args else err
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "replace")
+        return f"invalid RE2 regex: {detail}"
+    if compiled.programsize > MAX_REGEX_PROGRAM_SIZE:
+        return (
+            f"regex program size {compiled.programsize} exceeds Envoy's limit of {MAX_REGEX_PROGRAM_SIZE}; simplify it"
+        )
+    return None
+
+
+def check_regex(pattern: str, path: str) -> str:
+    """Validate with RE2, the engine Envoy uses: Python's `re` accepts lookaheads that Envoy rejects."""
+    problem = _regex_problem(pattern)
+    if problem:
+        raise FieldError(path, problem)
+    return pattern
+
+
+def check_ip(text: str, path: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise FieldError(path, f"is not a valid IPv4 or IPv6 address: {text!r}") from None
+
+
+def is_ipv6(address: str) -> bool:
+    return ":" in address
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]")
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def is_dns_label(text: str) -> bool:
+    return bool(_DNS_LABEL.fullmatch(text))
+
+
+def check_dns_subdomain(text: str, path: str) -> str:
+    if len(text) > 253 or not _DNS_SUBDOMAIN.fullmatch(text):
+        raise FieldError(path, f"must be a lower-case DNS name (RFC 1123), got {text!r}")
+    return text
+
+
+def check_header_name(name: str, path: str, *, allow_pseudo: bool = False) -> str:
+    """HTTP token characters only; Envoy lower-cases names and rejects anything else."""
+    bare = name[1:] if allow_pseudo and name.startswith(":") else name
+    if not _HTTP_TOKEN.fullmatch(bare):
+        raise FieldError(path, f"is not a valid HTTP header name: {name!r}")
+    return name.lower()
+
+
+def check_header_value(value: str, path: str) -> str:
+    if any(c in value for c in "\r\n\x00"):
+        raise FieldError(path, "header values must not contain CR, LF or NUL")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    key: str
+    operator: str  # In, NotIn, Exists, DoesNotExist
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "In":
+            return labels.get(self.key) in self.values
+        if self.operator == "NotIn":
+            return labels.get(self.key) not in self.values
+        if self.operator == "Exists":
+            return self.key in labels
+        return self.key not in labels
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSelector:
+    """Kubernetes LabelSelector semantics: an empty selector matches everything."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    expressions: tuple[Requirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        for key, value in self.match_labels:
+            if labels.get(key) != value:
+                return False
+        return all(r.matches(labels) for r in self.expressions)
+
+
+def check_label_key(key: str, path: str) -> str:
+    prefix, _, name = key.rpartition("/")
+    if (prefix and not _DNS_SUBDOMAIN.fullmatch(prefix)) or not _LABEL_NAME.fullmatch(name):
+        raise FieldError(path, f"is not a valid label key: {key!r}")
+    return key
+
+
+def check_labels(labels: Mapping[str, str], path: str) -> tuple[tuple[str, str], ...]:
+    for key, value in labels.items():
+        check_label_key(key, path)
+        if value and not _LABEL_NAME.fullmatch(value):
+            raise FieldError(f"{path}.{key}", f"is not a valid label value: {value!r}")
+    return tuple(sorted(labels.items()))
+
+
+def parse_label_selector(node: Node) -> LabelSelector:
+    match_labels = check_labels(node.str_map("matchLabels"), node.at("matchLabels"))
+    expressions = []
+    for expr in node.nodes("matchExpressions"):
+        key = check_label_key(expr.str("key", required=True), expr.at("key"))
+        operator = expr.str("operator", required=True)
+        values = expr.str_list("values")
+        if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            raise expr.fail("operator", f"must be In, NotIn, Exists or DoesNotExist, got {operator!r}")
+        if operator in ("In", "NotIn") and not values:
+            raise expr.fail("values", f"must not be empty for operator {operator}")
+        if operator in ("Exists", "DoesNotExist") and values:
+            raise expr.fail("values", f"must be empty for operator {operator}")
+        expr.done()
+        expressions.append(Requirement(key, operator, tuple(sorted(values))))
+    node.done()
+    return LabelSelector(match_labels, tuple(expressions))

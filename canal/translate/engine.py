@@ -1,0 +1,1145 @@
+"""translate(snapshot) -> DesiredState, and the incremental Translator behind it.
+
+The work is split into pure steps with explicit dependencies, each cached and re-run only when an input
+changed:
+
+  InternalGateway + Gateway          -> scope (servers, domain) and addressing (DNS answers, redirect targets)
+  VirtualService x scope + Services  -> Contribution (routes per (port, host), TCP routes, migrated Services)
+  Contributions sharing a (port, host) -> one virtual host     (routes merged oldest first; duplicate domains dropped)
+  Contributions sharing a TCP port   -> one TCP listener       (the oldest wins; the others are rejected)
+  per Service                        -> migrated or not        (every port must be served, or nothing moves)
+  referenced clusters                -> Cluster (DestinationRule) and ClusterLoadAssignment (EndpointSlices, Pods)
+  migrated Services x gateways       -> DNS records and redirect rules (the oldest InternalGateway owns a name)
+
+A full translation is the same machinery fed every object at once, so "incremental equals full" is a
+property of the dependency tracking alone (tested with hypothesis).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+from canal.desired import (
+    EMPTY,
+    Backend,
+    Cluster,
+    ClusterLoadAssignment,
+    Condition,
+    DesiredState,
+    DnsRecord,
+    EnvoyConfig,
+    Listener,
+    ObjectStatus,
+    RedirectKey,
+    RedirectRule,
+    Route,
+    RouteConfig,
+    TcpProxy,
+    VirtualHost,
+    frozen_map,
+)
+from canal.model.base import Caveat, ObjectRef, Rejection
+from canal.model.internal_gateway import InternalGateway
+from canal.model.istio import DestinationRule, Gateway, VirtualService, listener_kind
+from canal.model.kube import Pod, Service
+from canal.model.values import is_ipv6
+from canal.snapshot import Change, Parsed, Snapshot
+from canal.translate.clusters import build_cluster, select_endpoints
+from canal.translate.compile import binds, compile_default, compile_virtual_service, gateway_names
+from canal.translate.context import Contribution, GatewayScope, TcpPart
+from canal.translate.names import literal_domains, service_domains, split_service_fqdn
+
+SvcKey = tuple[str, str]  # (namespace, name)
+ContribKey = tuple[str, ObjectRef]  # (InternalGateway key, source)
+GroupId = tuple[Any, ...]  # ("vh", port, vkey) or ("tcp", port)
+
+
+def translate(snapshot: Snapshot) -> DesiredState:
+    """The desired state of a snapshot: pure and deterministic."""
+    return Translator().apply(snapshot_items(snapshot))
+
+
+def snapshot_items(snapshot: Snapshot) -> list[Parsed]:
+    items = [
+        Parsed(ObjectRef(kind, ns, name), obj, snapshot.problems.get(ObjectRef(kind, ns, name)))
+        for kind, namespaces in snapshot.objects.items()
+        for ns, names in namespaces.items()
+        for name, obj in names.items()
+    ]
+    present = {p.ref for p in items}
+    items += [Parsed(ref, None, problems) for ref, problems in snapshot.problems.items() if ref not in present]
+    return items
+
+
+# ------------------------------------------------------------------------------------------ per gateway
+
+
+@dataclass(frozen=True, slots=True)
+class Addressing:
+    """Where rewritten names and redirected ClusterIPs go, and the conditions that say whether that works."""
+
+    order: tuple[str, str, str]
+    dns_mode: str
+    ttl: int
+    redirect_mode: str
+    addresses: tuple[str, ...]
+    backends: tuple[str, ...]
+    conditions: tuple[Condition, ...]
+    caveats: tuple[Caveat, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayView:
+    """Everything derived from one InternalGateway and its Gateway alone (recomputed on any change to them)."""
+
+    ig: InternalGateway
+    scope: GatewayScope | None  # None when the InternalGateway is rejected
+    addressing: Addressing | None
+    namespaces: frozenset[str]  # selected by namespaceSelector
+    rejections: tuple[Rejection, ...]
+    caveats: tuple[Caveat, ...]
+
+
+@dataclass(slots=True)
+class _Candidate:
+    routes: tuple[Route, ...]
+    domains: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _TcpWinner:
+    ref: ObjectRef
+    part: TcpPart
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """A VirtualService's result on one gateway, as status reports it."""
+
+    accepted: bool
+    rejections: tuple[Rejection, ...]
+    caveats: tuple[Caveat, ...]
+
+
+@dataclass(slots=True)
+class _GatewayState:
+    view: GatewayView
+    contribs: dict[ObjectRef, Contribution] = field(default_factory=dict)
+    vhost_members: dict[tuple[int, str], set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
+    tcp_members: dict[int, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
+    migrate_members: dict[str, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
+    explicit_members: dict[str, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
+    wildcard_members: dict[str, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
+    candidates: dict[tuple[int, str], _Candidate] = field(default_factory=dict)
+    domain_owners: dict[tuple[int, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    vhosts: dict[int, dict[str, VirtualHost]] = field(default_factory=lambda: defaultdict(dict))
+    filters: dict[int, dict[str, tuple[bool, bool]]] = field(default_factory=lambda: defaultdict(dict))
+    domain_caveats: dict[tuple[int, str], Caveat] = field(default_factory=dict)
+    tcp_winners: dict[int, _TcpWinner] = field(default_factory=dict)
+    conflicts: dict[GroupId, dict[ObjectRef, Rejection]] = field(default_factory=dict)
+    default_conflicts: dict[GroupId, dict[ObjectRef, Caveat]] = field(default_factory=dict)
+    migrated: dict[str, Service] = field(default_factory=dict)
+    unmigrated: dict[str, str] = field(default_factory=dict)  # FQDN -> why
+    group_clusters: dict[GroupId, frozenset[str]] = field(default_factory=dict)
+    cluster_refs: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    clusters: dict[str, Cluster] = field(default_factory=dict)
+    endpoints: dict[str, ClusterLoadAssignment] = field(default_factory=dict)
+    clusters_by_service: dict[SvcKey, set[str]] = field(default_factory=lambda: defaultdict(set))
+    listeners: dict[str, Listener] = field(default_factory=dict)
+    route_configs: dict[str, RouteConfig] = field(default_factory=dict)
+    outcomes: dict[ObjectRef, _Outcome] = field(default_factory=dict)
+    vkey_ports: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    # Aggregates kept up to date so a status rebuild costs O(problems), not O(VirtualServices).
+    bound: set[str] = field(default_factory=set)
+    bound_frozen: frozenset[str] | None = None
+    ref_rejections: dict[ObjectRef, tuple[Rejection, ...]] = field(default_factory=dict)
+    default_caveats: dict[ObjectRef, tuple[Caveat, ...]] = field(default_factory=dict)
+    unmigrated_defaults: dict[str, Caveat] = field(default_factory=dict)
+    lost: set[str] = field(default_factory=set)  # migrated here, but DNS belongs to an older gateway
+
+
+class _Dirty:
+    """Work found while applying one batch; every set is drained exactly once, in dependency order."""
+
+    def __init__(self) -> None:
+        self.contribs: set[ContribKey] = set()
+        self.vhosts: dict[str, set[tuple[int, str]]] = defaultdict(set)
+        self.finalize: dict[str, set[tuple[int, str]]] = defaultdict(set)
+        self.tcp: dict[str, set[int]] = defaultdict(set)
+        self.migration: dict[str, set[str]] = defaultdict(set)
+        self.ports: dict[str, set[int]] = defaultdict(set)
+        self.clusters: dict[str, set[str]] = defaultdict(set)  # rebuild cluster + endpoints
+        self.services_clusters: set[SvcKey] = set()  # every cluster of these Services, in every gateway
+        self.services_endpoints: set[SvcKey] = set()
+        self.names: set[str] = set()  # FQDNs whose DNS / redirect ownership may change
+        self.outcomes: dict[str, set[ObjectRef]] = defaultdict(set)
+        self.status: set[ObjectRef] = set()
+        self.gateways: set[str] = set()  # InternalGateways whose status or envoy config must be rebuilt
+
+
+class _Reads:
+    """The Lookup handed to compilation; remembers every Service it was asked about."""
+
+    __slots__ = ("engine", "keys")
+
+    def __init__(self, engine: Translator) -> None:
+        self.engine = engine
+        self.keys: set[SvcKey] = set()
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        self.keys.add((namespace, name))
+        return self.engine.snapshot.get("Service", namespace, name)
+
+    def destination_rule(self, service: Service, scope: GatewayScope) -> DestinationRule | None:
+        self.keys.add((service.meta.namespace, service.meta.name))
+        return self.engine.destination_rule(service, scope)
+
+
+def _dr_target(rule: DestinationRule) -> tuple[SvcKey, str | None] | None:
+    """The Service a DestinationRule's host names, and the cluster domain it spells out (if any)."""
+    parts = rule.host.split(".")
+    if len(parts) == 1:
+        return (rule.meta.namespace, parts[0]), None
+    if len(parts) == 2:
+        return (parts[1], parts[0]), None
+    if parts[2] == "svc":
+        return (parts[1], parts[0]), (".".join(parts[3:]) or None)
+    return None
+
+
+class Translator:
+    """Incremental translation. `apply` takes parsed objects (upserts) and refs (deletes), returns the state."""
+
+    def __init__(self) -> None:
+        self.snapshot = Snapshot()
+        self.desired = DesiredState()
+        self._views: dict[str, GatewayView] = {}
+        self._states: dict[str, _GatewayState] = {}
+        self._vs_by_gateway: dict[SvcKey, set[ObjectRef]] = defaultdict(set)
+        self._rejected_vs_by_gateway: dict[SvcKey, set[ObjectRef]] = defaultdict(set)
+        self._readers: dict[SvcKey, set[ContribKey]] = defaultdict(set)
+        self._reads_of: dict[ContribKey, frozenset[SvcKey]] = {}
+        self._dr_targets: dict[SvcKey, set[ObjectRef]] = defaultdict(set)
+        self._slices_by_service: dict[SvcKey, set[str]] = defaultdict(set)
+        self._pod_services: dict[SvcKey, dict[SvcKey, int]] = defaultdict(lambda: defaultdict(int))
+        self._name_owner: dict[str, str] = {}  # FQDN -> InternalGateway owning DNS and redirects
+        self._redirects_of: dict[str, tuple[RedirectKey, ...]] = {}
+        self._dns: dict[str, DnsRecord] = {}
+        self._redirects: dict[RedirectKey, RedirectRule] = {}
+        self._status: dict[ObjectRef, ObjectStatus] = {}
+
+    # ======================================================================================= public
+
+    def apply(self, items: Iterable[Parsed | ObjectRef]) -> DesiredState:
+        self.snapshot, changes = self.snapshot.apply(items)
+        dirty = _Dirty()
+        gateway_inputs_changed = False
+        for change in changes:
+            dirty.status.add(change.ref)
+            gateway_inputs_changed |= self._index(change, dirty)
+        if gateway_inputs_changed:
+            self._refresh_gateways(dirty)
+        self._recompile(dirty)
+        for key, state in self._states.items():
+            self._assemble(key, state, dirty)
+        self._refresh_clusters(dirty)
+        self._refresh_names(dirty)
+        self._refresh_status(dirty)
+        self.desired = self._publish(dirty)
+        return self.desired
+
+    def destination_rule(self, service: Service, scope: GatewayScope) -> DestinationRule | None:
+        """Istio's lookup order for a gateway: its own namespace, then the Service's, then any; oldest first."""
+        best, best_key = None, None
+        for ref in self._dr_targets.get((service.meta.namespace, service.meta.name), ()):
+            rule = self.snapshot.get("DestinationRule", ref.namespace, ref.name)
+            target = _dr_target(rule) if rule is not None else None
+            if rule is None or target is None or target[1] not in (None, scope.domain):
+                continue
+            ns = rule.meta.namespace
+            rank = 0 if ns == scope.namespace else 1 if ns == service.meta.namespace else 2
+            key = (rank, rule.meta.order)
+            if best_key is None or key < best_key:
+                best, best_key = rule, key
+        return best
+
+    # ====================================================================================== indexing
+
+    def _index(self, change: Change, dirty: _Dirty) -> bool:
+        """Update reverse indexes; mark direct dependants. True when gateway-level inputs changed."""
+        ref, old, new = change.ref, change.old, change.new
+        kind = ref.kind
+        key = (ref.namespace, ref.name)
+        if kind == "VirtualService":
+            for vs in (old, new):
+                if vs is not None:
+                    for ig_key, state in self._states.items():
+                        if state.view.scope is not None and binds(vs, state.view.scope):
+                            dirty.contribs.add((ig_key, ref))
+            self._reindex_gateways(ref, old, new)
+            return False
+        if kind == "Service":
+            dirty.contribs.update(self._readers.get(key, ()))
+            for ig_key, state in self._states.items():
+                if ref.namespace in state.view.namespaces:
+                    dirty.contribs.add((ig_key, ref))
+            dirty.services_clusters.add(key)
+            dirty.services_endpoints.add(key)
+            return any(
+                v.ig.address_service is not None and (v.ig.address_service.namespace, v.ig.address_service.name) == key
+                for v in self._views.values()
+            )
+        if kind == "DestinationRule":
+            for rule in (old, new):
+                target = _dr_target(rule) if rule is not None and not rule.has_workload_selector else None
+                if target is None:
+                    continue
+                dirty.contribs.update(self._readers.get(target[0], ()))
+                dirty.services_clusters.add(target[0])
+                dirty.services_endpoints.add(target[0])
+            for rule, add in ((old, False), (new, True)):
+                target = _dr_target(rule) if rule is not None and not rule.has_workload_selector else None
+                if target is not None:
+                    (self._dr_targets[target[0]].add if add else self._dr_targets[target[0]].discard)(ref)
+            return False
+        if kind == "EndpointSlice":
+            for slc, add in ((old, False), (new, True)):
+                if slc is None or not slc.service_name:
+                    continue
+                svc = (slc.meta.namespace, slc.service_name)
+                dirty.services_endpoints.add(svc)
+                (self._slices_by_service[svc].add if add else self._slices_by_service[svc].discard)(ref.name)
+                for ep in slc.endpoints:
+                    if ep.pod:
+                        counts = self._pod_services[(slc.meta.namespace, ep.pod)]
+                        counts[svc] += 1 if add else -1
+                        if counts[svc] <= 0:
+                            del counts[svc]
+            return False
+        if kind == "Pod":
+            dirty.services_endpoints.update(self._pod_services.get(key, {}))
+            return any(v.ig.meta.namespace == ref.namespace for v in self._views.values())
+        # InternalGateway, Gateway, Namespace: few objects, handled wholesale.
+        return kind in ("InternalGateway", "Gateway", "Namespace")
+
+    def _reindex_gateways(self, ref: ObjectRef, old: VirtualService | None, new: VirtualService | None) -> None:
+        for vs in (old,):
+            if vs is not None:
+                for gw in gateway_names(vs.gateways, vs.meta.namespace):
+                    self._vs_by_gateway[gw].discard(ref)
+        for gws in self._rejected_vs_by_gateway.values():
+            gws.discard(ref)
+        if new is not None:
+            for gw in gateway_names(new.gateways, new.meta.namespace):
+                self._vs_by_gateway[gw].add(ref)
+        problems = self.snapshot.problems.get(ref)
+        if new is None and problems is not None and problems.rejections:
+            for gw in gateway_names(problems.gateways, ref.namespace):
+                self._rejected_vs_by_gateway[gw].add(ref)
+
+    # ============================================================================= gateway views
+
+    def _refresh_gateways(self, dirty: _Dirty) -> None:
+        views = self._compute_views()
+        for key in set(self._views) | set(views):
+            old, new = self._views.get(key), views.get(key)
+            if old == new:
+                continue
+            dirty.gateways.add(key)
+            if old is not None:
+                dirty.status.add(old.ig.ref)
+            state = self._states.get(key)
+            if new is None:
+                if state is not None:
+                    dirty.names.update(state.migrated)
+                    del self._states[key]
+                continue
+            rebuild = old is None or old.scope != new.scope
+            if rebuild:
+                if state is not None:
+                    dirty.names.update(state.migrated)
+                    dirty.status.update(state.outcomes)
+                    for ref in state.contribs:
+                        self._forget_reads((key, ref))
+                state = _GatewayState(new)
+                self._states[key] = state
+                if new.scope is not None:
+                    dirty.ports[key].update(new.scope.port_kinds)
+                    for ref in self._vs_by_gateway.get((new.scope.gateway.namespace, new.scope.gateway.name), ()):
+                        dirty.contribs.add((key, ref))
+                    for ns in new.namespaces:
+                        for name in self.snapshot.in_namespace("Service", ns):
+                            dirty.contribs.add((key, ObjectRef("Service", ns, name)))
+                continue
+            assert state is not None and old is not None
+            state.view = new
+            if old.addressing != new.addressing:
+                dirty.names.update(state.migrated)
+            for ns in old.namespaces ^ new.namespaces:
+                for name in self.snapshot.in_namespace("Service", ns):
+                    dirty.contribs.add((key, ObjectRef("Service", ns, name)))
+        self._views = views
+
+    def _compute_views(self) -> dict[str, GatewayView]:
+        igs = sorted(self.snapshot.all("InternalGateway"), key=lambda ig: ig.meta.order)
+        owner: dict[tuple[str, str], InternalGateway] = {}
+        for ig in igs:
+            owner.setdefault((ig.gateway.namespace, ig.gateway.name), ig)
+        views = {}
+        for ig in igs:
+            views[ig.key] = self._view(ig, owner[(ig.gateway.namespace, ig.gateway.name)])
+        return views
+
+    def _view(self, ig: InternalGateway, owner: InternalGateway) -> GatewayView:
+        gateway: Gateway | None = self.snapshot.get("Gateway", ig.gateway.namespace, ig.gateway.name)
+        if gateway is None:
+            reason = f"Gateway {ig.gateway} not found"
+            return GatewayView(ig, None, None, frozenset(), (Rejection(ig.ref, "spec.gatewayRef", reason),), ())
+        if owner is not ig:
+            reason = f"Gateway {ig.gateway} is already adopted by {owner.ref}; a Gateway belongs to one InternalGateway"
+            return GatewayView(ig, None, None, frozenset(), (Rejection(ig.ref, "spec.gatewayRef", reason),), ())
+        caveats = []
+        servers, kinds = [], {}
+        for server in gateway.servers:
+            kind = listener_kind(server.protocol)
+            if kind not in ("http", "tcp"):
+                caveats.append(
+                    Caveat(
+                        gateway.ref,
+                        server.path,
+                        f"{server.protocol} servers are not served by Canal (plain-text only); "
+                        f"port {server.port} skipped",
+                    )
+                )
+                continue
+            if server.tls:
+                caveats.append(
+                    Caveat(gateway.ref, f"{server.path}.tls", "TLS settings on a plain-text server are ignored")
+                )
+            servers.append(server)
+            kinds[server.port] = kind
+        exclude = frozenset()
+        if ig.address_service is not None:
+            exclude = frozenset({f"{ig.address_service.namespace}/{ig.address_service.name}"})
+        scope = GatewayScope(
+            key=ig.key,
+            namespace=ig.meta.namespace,
+            gateway=ig.gateway,
+            domain=ig.cluster_domain,
+            servers=tuple(servers),
+            port_kinds=frozen_map(dict(sorted(kinds.items()))),
+            exclude=exclude,
+        )
+        namespaces = frozenset()
+        if ig.namespace_selector is not None:
+            namespaces = frozenset(
+                ns.meta.name for ns in self.snapshot.all("Namespace") if ig.namespace_selector.matches(ns.meta.labels)
+            )
+        return GatewayView(ig, scope, self._addressing(ig, gateway, kinds), namespaces, (), tuple(caveats))
+
+    def _addressing(self, ig: InternalGateway, gateway: Gateway, ports: Mapping[int, str]) -> Addressing:
+        conditions, caveats = [], []
+        addresses: tuple[str, ...] = tuple(sorted(ig.address_ips))
+        if ig.address_service is not None:
+            addresses = ()
+            svc: Service | None = self.snapshot.get("Service", ig.address_service.namespace, ig.address_service.name)
+            if svc is None:
+                conditions.append(
+                    Condition(
+                        "AddressResolved",
+                        "False",
+                        "ServiceNotFound",
+                        f"Service {ig.address_service} not found; no names are rewritten",
+                    )
+                )
+            elif not svc.cluster_ips:
+                conditions.append(
+                    Condition(
+                        "AddressResolved",
+                        "False",
+                        "NoClusterIP",
+                        f"Service {ig.address_service} has no cluster IP; no names are rewritten",
+                    )
+                )
+            else:
+                addresses = tuple(sorted(svc.cluster_ips))
+                conditions.append(Condition("AddressResolved", "True", "Resolved", ", ".join(addresses)))
+                missing = sorted(p for p in ports if svc.port(p) is None)
+                if missing:
+                    caveats.append(
+                        Caveat(
+                            ig.ref,
+                            "spec.address.serviceRef",
+                            f"Service {ig.address_service} does not expose Gateway port(s) "
+                            f"{', '.join(map(str, missing))}; clients of those ports cannot reach the gateway",
+                        )
+                    )
+        elif ig.address_ips:
+            conditions.append(Condition("AddressResolved", "True", "Static", ", ".join(ig.address_ips)))
+        selector = ig.workload_selector or tuple(sorted(gateway.selector.items()))
+        backends: list[str] = []
+        if selector:
+            for pod in self.snapshot.in_namespace("Pod", ig.meta.namespace).values():
+                if pod.ready and all(pod.meta.labels.get(k) == v for k, v in selector):
+                    backends.extend(pod.ips)
+        if ig.redirect_mode != "none":
+            if backends:
+                conditions.append(
+                    Condition(
+                        "RedirectReady",
+                        "True",
+                        "GatewayPodsReady",
+                        f"{len(backends)} gateway pod address(es)",
+                    )
+                )
+            elif ig.address_ips:
+                backends = list(ig.address_ips)
+                conditions.append(
+                    Condition(
+                        "RedirectReady",
+                        "True",
+                        "StaticAddresses",
+                        "no ready gateway pods; redirecting to address.ips",
+                    )
+                )
+            else:
+                conditions.append(
+                    Condition(
+                        "RedirectReady",
+                        "False",
+                        "NoReadyGatewayPods",
+                        "no ready gateway pods match the workload selector; ClusterIPs are not redirected",
+                    )
+                )
+        return Addressing(
+            order=ig.meta.order,
+            dns_mode=ig.dns_mode,
+            ttl=ig.dns_ttl,
+            redirect_mode=ig.redirect_mode,
+            addresses=addresses,
+            backends=tuple(sorted(set(backends))),
+            conditions=tuple(conditions),
+            caveats=tuple(caveats),
+        )
+
+    # ============================================================================= contributions
+
+    def _forget_reads(self, ckey: ContribKey) -> None:
+        for svc in self._reads_of.pop(ckey, ()):
+            readers = self._readers.get(svc)
+            if readers is not None:
+                readers.discard(ckey)
+                if not readers:
+                    del self._readers[svc]
+
+    def _recompile(self, dirty: _Dirty) -> None:
+        for ckey in dirty.contribs:  # order-independent: groups are rebuilt after all contributions
+            ig_key, ref = ckey
+            state = self._states.get(ig_key)
+            if state is None:
+                self._forget_reads(ckey)
+                continue
+            new = self._compile(ckey, state)
+            old = state.contribs.get(ref)
+            if new == old:
+                continue
+            self._swap(ig_key, state, ref, old, new, dirty)
+
+    def _compile(self, ckey: ContribKey, state: _GatewayState) -> Contribution | None:
+        ref = ckey[1]
+        scope = state.view.scope
+        self._forget_reads(ckey)
+        if scope is None:
+            return None
+        reads = _Reads(self)
+        if ref.kind == "VirtualService":
+            vs = self.snapshot.get("VirtualService", ref.namespace, ref.name)
+            result = compile_virtual_service(vs, scope, reads) if vs is not None and binds(vs, scope) else None
+        else:
+            service = reads.service(ref.namespace, ref.name)
+            selected = ref.namespace in state.view.namespaces
+            result = compile_default(service, scope) if service is not None and selected else None
+        if reads.keys:
+            self._reads_of[ckey] = frozenset(reads.keys)
+            for svc in reads.keys:
+                self._readers[svc].add(ckey)
+        return result
+
+    def _swap(
+        self,
+        ig_key: str,
+        state: _GatewayState,
+        ref: ObjectRef,
+        old: Contribution | None,
+        new: Contribution | None,
+        dirty: _Dirty,
+    ) -> None:
+        """Replace a contribution and mark every group whose membership or content it touches."""
+        for contrib, add in ((old, False), (new, True)):
+            if contrib is None:
+                continue
+            for group_key in contrib.vhosts:
+                self._member(state.vhost_members, group_key, ref, add)
+                if add:
+                    state.vkey_ports[group_key[1]].add(group_key[0])
+                dirty.vhosts[ig_key].add(group_key)
+            for port in contrib.tcp:
+                self._member(state.tcp_members, port, ref, add)
+                dirty.tcp[ig_key].add(port)
+            for fqdn in contrib.migrates:
+                self._member(state.migrate_members, fqdn, ref, add)
+                dirty.migration[ig_key].add(fqdn)
+                if contrib.explicit and contrib.accepted:
+                    before = bool(state.explicit_members.get(fqdn))
+                    self._member(state.explicit_members, fqdn, ref, add)
+                    if before != bool(state.explicit_members.get(fqdn)):
+                        # A VirtualService appearing for (or leaving) a host switches its namespace default.
+                        dirty.vhosts[ig_key].update((port, fqdn) for port in state.vkey_ports.get(fqdn, ()))
+                        dirty.tcp[ig_key].update(state.tcp_members)
+            for fqdn in contrib.wildcard_migrates:
+                self._member(state.wildcard_members, fqdn, ref, add)
+        if new is None:
+            state.contribs.pop(ref, None)
+        else:
+            state.contribs[ref] = new
+        if ref.kind == "VirtualService":
+            dirty.outcomes[ig_key].add(ref)
+        elif new is not None and new.caveats:
+            state.default_caveats[ref] = new.caveats
+        else:
+            state.default_caveats.pop(ref, None)
+        dirty.gateways.add(ig_key)
+
+    @staticmethod
+    def _member(index: dict[Any, set[ObjectRef]], key: Any, ref: ObjectRef, add: bool) -> None:
+        if add:
+            index[key].add(ref)
+        else:
+            members = index.get(key)
+            if members is not None:
+                members.discard(ref)
+                if not members:
+                    del index[key]
+
+    # ================================================================================== assembly
+
+    def _assemble(self, key: str, state: _GatewayState, dirty: _Dirty) -> None:
+        for group_key in sorted(dirty.vhosts.pop(key, ())):
+            self._candidate(key, state, group_key, dirty)
+        for group_key in sorted(dirty.finalize.pop(key, ())):
+            self._finalize_vhost(key, state, group_key, dirty)
+        for port in sorted(dirty.tcp.pop(key, ())):
+            self._tcp_group(key, state, port, dirty)
+        for fqdn in sorted(dirty.migration.pop(key, ())):
+            self._migration(key, state, fqdn, dirty)
+        for port in sorted(dirty.ports.pop(key, ())):
+            self._listener(state, port)
+
+    def _candidate(self, key: str, state: _GatewayState, group_key: tuple[int, str], dirty: _Dirty) -> None:
+        port, vkey = group_key
+        members = state.vhost_members.get(group_key, ())
+        contribs = sorted((state.contribs[r] for r in members), key=lambda c: c.order)
+        if state.explicit_members.get(vkey):
+            contribs = [c for c in contribs if c.explicit]
+        candidate = None
+        if contribs:
+            parts = [c.vhosts[group_key] for c in contribs]
+            service = next((p.service for p in parts if p.service is not None), None)
+            scope = state.view.scope
+            assert scope is not None
+            domains = (
+                service_domains(service, scope.domain, port) if service is not None else literal_domains(vkey, port)
+            )
+            candidate = _Candidate(tuple(chain.from_iterable(p.routes for p in parts)), domains)
+        old = state.candidates.get(group_key)
+        if candidate == old:
+            return
+        if (candidate is None) != (old is None):
+            dirty.migration[key].add(vkey)
+            if vkey == "*":
+                dirty.migration[key].update(state.wildcard_members)
+        old_domains = set(old.domains) if old else set()
+        new_domains = set(candidate.domains) if candidate else set()
+        affected = {vkey}
+        for domain in old_domains - new_domains:
+            owners = state.domain_owners[(port, domain)]
+            owners.discard(vkey)
+            affected |= owners
+            if not owners:
+                del state.domain_owners[(port, domain)]
+        for domain in new_domains - old_domains:
+            owners = state.domain_owners[(port, domain)]
+            affected |= owners
+            owners.add(vkey)
+        if candidate is None:
+            del state.candidates[group_key]
+        else:
+            state.candidates[group_key] = candidate
+        if group_key not in state.vhost_members:
+            ports = state.vkey_ports.get(vkey)
+            if ports is not None:
+                ports.discard(port)
+                if not ports:
+                    del state.vkey_ports[vkey]
+        dirty.finalize[key].update((port, v) for v in affected)
+
+    def _finalize_vhost(self, key: str, state: _GatewayState, group_key: tuple[int, str], dirty: _Dirty) -> None:
+        """Turn a candidate into the virtual host Envoy gets: a domain two hosts claim is given to neither."""
+        port, vkey = group_key
+        candidate = state.candidates.get(group_key)
+        vhost = None
+        state.domain_caveats.pop(group_key, None)
+        if candidate is not None:
+            domains, shared = [], []
+            for d in candidate.domains:
+                (domains if len(state.domain_owners.get((port, d), ())) == 1 else shared).append(d)
+            if shared:
+                others = sorted(set().union(*(state.domain_owners[(port, d)] for d in shared)) - {vkey})
+                state.domain_caveats[group_key] = Caveat(
+                    state.view.ig.ref,
+                    f"port {port}",
+                    f"host(s) {', '.join(shared)} of {vkey} are also claimed by {', '.join(others)}; "
+                    "requests with those Host headers are routed by neither (use a qualified name)",
+                )
+            if domains:
+                vhost = VirtualHost(f"{vkey}:{port}", tuple(domains), candidate.routes)
+        port_vhosts = state.vhosts[port]
+        if port_vhosts.get(vkey) == vhost:
+            return
+        if vhost is None:
+            port_vhosts.pop(vkey, None)
+            state.filters[port].pop(vkey, None)
+            clusters: frozenset[str] = frozenset()
+        else:
+            port_vhosts[vkey] = vhost
+            state.filters[port][vkey] = (
+                any(r.fault is not None for r in vhost.routes),
+                any(r.cors is not None for r in vhost.routes),
+            )
+            clusters = frozenset(chain.from_iterable(r.clusters for r in vhost.routes))
+        self._set_group_clusters(key, state, ("vh", port, vkey), clusters, dirty)
+        dirty.ports[key].add(port)
+
+    def _tcp_group(self, key: str, state: _GatewayState, port: int, dirty: _Dirty) -> None:
+        entries = []
+        for ref in state.tcp_members.get(port, ()):
+            contrib = state.contribs[ref]
+            part = contrib.tcp[port]
+            if not contrib.explicit and any(state.explicit_members.get(f) for f in part.services):
+                continue
+            entries.append((contrib.order, part.index, ref, part))
+        entries.sort(key=lambda e: (e[0], e[1], e[2]))
+        old = state.tcp_winners.get(port)
+        touched = set(old.part.services) if old else set()
+        group: GroupId = ("tcp", port)
+        conflicts: dict[ObjectRef, Rejection] = {}
+        default_conflicts: dict[ObjectRef, Caveat] = {}
+        if entries:
+            _, _, ref, part = entries[0]
+            state.tcp_winners[port] = _TcpWinner(ref, part)
+            touched |= part.services
+            gateway = state.view.ig.gateway
+            for _, _, loser, lost in entries[1:]:
+                touched |= lost.services
+                message = (
+                    f"TCP port {port} of Gateway {gateway} already carries {part.proxy.source} ({ref}); "
+                    "a TCP port has one destination"
+                )
+                if loser.kind == "VirtualService":
+                    conflicts[loser] = Rejection(loser, lost.path or "spec.tcp", message)
+                else:
+                    default_conflicts[loser] = Caveat(loser, "", f"not migrated by namespaceSelector: {message}")
+            clusters = frozenset(c.cluster for c in part.proxy.clusters)
+        else:
+            state.tcp_winners.pop(port, None)
+            clusters = frozenset()
+        for ref in set(state.conflicts.get(group, {})) | set(conflicts):
+            dirty.outcomes[key].add(ref)
+        _store(state.conflicts, group, conflicts)
+        _store(state.default_conflicts, group, default_conflicts)
+        dirty.migration[key].update(touched)
+        self._set_group_clusters(key, state, group, clusters, dirty)
+        dirty.ports[key].add(port)
+
+    def _migration(self, key: str, state: _GatewayState, fqdn: str, dirty: _Dirty) -> None:
+        """A Service moves only if every one of its ports is served by its own routes on this gateway."""
+        explicit = state.explicit_members.get(fqdn)
+        sources = sorted(
+            (state.contribs[r] for r in (explicit or state.migrate_members.get(fqdn, ()))),
+            key=lambda c: c.order,
+        )
+        sources = [c for c in sources if c.accepted]
+        problem, service = "", None
+        if sources:
+            service = sources[0].migrates[fqdn]
+            scope = state.view.scope
+            assert scope is not None
+            wildcard = any(fqdn in c.wildcard_migrates for c in sources)
+            for sp in service.ports:
+                if scope.port_kinds.get(sp.port) == "http":
+                    if (sp.port, fqdn) in state.candidates or (wildcard and (sp.port, "*") in state.candidates):
+                        continue
+                    problem = f"port {sp.port} has no HTTP route for {fqdn} on Gateway {scope.gateway}"
+                else:
+                    winner = state.tcp_winners.get(sp.port)
+                    if winner is not None and fqdn in winner.part.services:
+                        continue
+                    holder = f" (it carries {winner.part.proxy.source})" if winner is not None else ""
+                    problem = f"TCP port {sp.port} of Gateway {scope.gateway} does not route to {fqdn}{holder}"
+                break
+        was = state.migrated.get(fqdn)
+        old_problem = state.unmigrated.get(fqdn)
+        if service is not None and not problem:
+            state.migrated[fqdn] = service
+            state.unmigrated.pop(fqdn, None)
+        else:
+            state.migrated.pop(fqdn, None)
+            if problem:
+                state.unmigrated[fqdn] = problem
+            else:
+                state.unmigrated.pop(fqdn, None)
+        if problem and sources and not sources[0].explicit:
+            state.unmigrated_defaults[fqdn] = Caveat(
+                sources[0].ref, "", f"not migrated by namespaceSelector: {problem}"
+            )
+        else:
+            state.unmigrated_defaults.pop(fqdn, None)
+        if was is not state.migrated.get(fqdn) or old_problem != state.unmigrated.get(fqdn):
+            dirty.names.add(fqdn)
+            dirty.outcomes[key].update(r for r in state.migrate_members.get(fqdn, ()) if r.kind == "VirtualService")
+            dirty.gateways.add(key)
+
+    # ================================================================================== clusters
+
+    def _set_group_clusters(
+        self, key: str, state: _GatewayState, group: GroupId, clusters: frozenset[str], dirty: _Dirty
+    ) -> None:
+        old = state.group_clusters.get(group, frozenset())
+        if old == clusters:
+            return
+        if clusters:
+            state.group_clusters[group] = clusters
+        else:
+            state.group_clusters.pop(group, None)
+        for name in clusters - old:
+            state.cluster_refs[name] += 1
+            if state.cluster_refs[name] == 1:
+                dirty.clusters[key].add(name)
+        for name in old - clusters:
+            state.cluster_refs[name] -= 1
+            if state.cluster_refs[name] == 0:
+                del state.cluster_refs[name]
+                dirty.clusters[key].add(name)
+
+    def _refresh_clusters(self, dirty: _Dirty) -> None:
+        touched_services = dirty.services_clusters | dirty.services_endpoints
+        for key, state in self._states.items():
+            referenced = dirty.clusters.pop(key, set())
+            names = set(referenced)
+            for svc in touched_services:
+                names |= state.clusters_by_service.get(svc, set())
+            if not names:
+                continue
+            dirty.gateways.add(key)
+            for name in names:
+                self._build_cluster(state, name, name in referenced, dirty)
+
+    def _build_cluster(self, state: _GatewayState, name: str, referenced_changed: bool, dirty: _Dirty) -> None:
+        """(Re)build a cluster and its endpoints, or drop both once no route references the cluster."""
+        _, port_text, subset, fqdn = name.split("|", 3)
+        scope = state.view.scope
+        parts = split_service_fqdn(fqdn, scope.domain) if scope is not None else None
+        service = self.snapshot.get("Service", *parts) if parts is not None else None
+        if name not in state.cluster_refs or service is None or scope is None or parts is None:
+            state.clusters.pop(name, None)
+            state.endpoints.pop(name, None)
+            if parts is not None and parts in state.clusters_by_service:
+                state.clusters_by_service[parts].discard(name)
+                if not state.clusters_by_service[parts]:
+                    del state.clusters_by_service[parts]
+            return
+        port = int(port_text)
+        rule = self.destination_rule(service, scope)
+        if referenced_changed or parts in dirty.services_clusters or name not in state.clusters:
+            state.clusters[name] = build_cluster(service, fqdn, port, subset, rule)
+        labels = None
+        if subset:
+            chosen = rule.subset(subset) if rule is not None else None
+            # A subset that vanished selects nothing rather than everything.
+            labels = chosen.labels if chosen is not None else (("canal.io/no-such-subset", "true"),)
+        slices = [
+            s
+            for s in (self.snapshot.get("EndpointSlice", parts[0], n) for n in self._slices_by_service.get(parts, ()))
+            if s
+        ]
+        state.endpoints[name] = ClusterLoadAssignment(name, select_endpoints(service, port, labels, slices, self._pod))
+        state.clusters_by_service[parts].add(name)
+
+    def _pod(self, namespace: str, name: str) -> Pod | None:
+        return self.snapshot.get("Pod", namespace, name)
+
+    # ================================================================================ listeners
+
+    def _listener(self, state: _GatewayState, port: int) -> None:
+        name = f"0.0.0.0_{port}"
+        scope = state.view.scope
+        kind = scope.port_kinds.get(port) if scope is not None else None
+        if kind == "http":
+            route_name = f"http.{port}"
+            vhosts = state.vhosts.get(port, {})
+            state.route_configs[route_name] = RouteConfig(route_name, frozen_map(vhosts))
+            flags = state.filters.get(port, {}).values()
+            filters = tuple(
+                f for f, used in (("cors", any(c for _, c in flags)), ("fault", any(f for f, _ in flags))) if used
+            )
+            state.listeners[name] = Listener(name, port, "HTTP", route_config=route_name, http_filters=filters)
+            return
+        winner = state.tcp_winners.get(port) if kind == "tcp" else None
+        if winner is None:
+            state.listeners.pop(name, None)
+            return
+        state.listeners[name] = Listener(
+            name, port, "TCP", tcp=TcpProxy(winner.part.proxy.clusters, winner.part.proxy.source)
+        )
+
+    # ============================================================================= names (DNS + redirects)
+
+    def _refresh_names(self, dirty: _Dirty) -> None:
+        for fqdn in sorted(dirty.names):
+            owners = [
+                (state.view.addressing.order, key, state.migrated[fqdn])
+                for key, state in self._states.items()
+                if fqdn in state.migrated and state.view.addressing is not None
+            ]
+            owner = min(owners, key=lambda o: (o[0], o[1])) if owners else None
+            old_owner = self._name_owner.get(fqdn)
+            if owner is None:
+                self._name_owner.pop(fqdn, None)
+            else:
+                self._name_owner[fqdn] = owner[1]
+            for key, state in self._states.items():
+                lost = fqdn in state.migrated and owner is not None and owner[1] != key
+                if lost != (fqdn in state.lost):
+                    (state.lost.add if lost else state.lost.discard)(fqdn)
+                    dirty.gateways.add(key)
+            if old_owner != (owner[1] if owner else None):
+                dirty.gateways.update(k for k in (old_owner, owner[1] if owner else None) if k in self._states)
+            self._dns.pop(fqdn, None)
+            for rkey in self._redirects_of.pop(fqdn, ()):
+                self._redirects.pop(rkey, None)
+            if owner is None:
+                continue
+            addressing = self._states[owner[1]].view.addressing
+            assert addressing is not None
+            service: Service = owner[2]
+            if addressing.dns_mode != "none" and addressing.addresses:
+                self._dns[fqdn] = DnsRecord(fqdn, addressing.addresses, addressing.ttl, owner[1], addressing.dns_mode)
+            if addressing.redirect_mode != "none" and addressing.backends:
+                keys = []
+                for ip in service.cluster_ips:
+                    family = [b for b in addressing.backends if is_ipv6(b) == is_ipv6(ip)]
+                    if not family:
+                        continue
+                    for sp in service.ports:
+                        rkey = RedirectKey(ip, "tcp", sp.port)
+                        self._redirects[rkey] = RedirectRule(
+                            rkey,
+                            tuple(Backend(b, sp.port) for b in family),
+                            f"{service.meta.namespace}/{service.meta.name}",
+                            owner[1],
+                            addressing.redirect_mode,
+                        )
+                        keys.append(rkey)
+                if keys:
+                    self._redirects_of[fqdn] = tuple(keys)
+
+    # ==================================================================================== status
+
+    def _refresh_status(self, dirty: _Dirty) -> None:
+        for key, refs in dirty.outcomes.items():
+            state = self._states.get(key)
+            if state is None:
+                continue
+            for ref in refs:
+                self._outcome(state, ref)
+            dirty.status.update(refs)
+            dirty.gateways.add(key)
+        for key in dirty.gateways:
+            view = self._views.get(key)
+            if view is not None:
+                dirty.status.add(view.ig.ref)
+        for ref in dirty.status:
+            status = self._object_status(ref)
+            if status is None:
+                self._status.pop(ref, None)
+            else:
+                self._status[ref] = status
+
+    def _outcome(self, state: _GatewayState, ref: ObjectRef) -> None:
+        contrib = state.contribs.get(ref)
+        name = f"{ref.namespace}/{ref.name}"
+        if contrib is None:
+            state.outcomes.pop(ref, None)
+            outcome = None
+        else:
+            rejections = list(contrib.rejections)
+            for group in state.conflicts.values():
+                if ref in group:
+                    rejections.append(group[ref])
+            if contrib.accepted:
+                for fqdn in contrib.migrates:
+                    problem = state.unmigrated.get(fqdn)
+                    if problem:
+                        rejections.append(
+                            Rejection(ref, "spec.hosts", f"{fqdn} is not moved to the gateway: {problem}")
+                        )
+            outcome = _Outcome(contrib.accepted, _sorted(rejections), contrib.caveats)
+            state.outcomes[ref] = outcome
+        accepted = outcome is not None and outcome.accepted
+        if accepted != (name in state.bound):
+            (state.bound.add if accepted else state.bound.discard)(name)
+            state.bound_frozen = None
+        if outcome is not None and outcome.rejections:
+            state.ref_rejections[ref] = outcome.rejections
+        else:
+            state.ref_rejections.pop(ref, None)
+
+    def _object_status(self, ref: ObjectRef) -> ObjectStatus | None:
+        problems = self.snapshot.problems.get(ref)
+        obj = self.snapshot.get(ref.kind, ref.namespace, ref.name)
+        generation = problems.generation if problems else (getattr(getattr(obj, "meta", None), "generation", 0) or 0)
+        rejections = list(problems.rejections) if problems else []
+        caveats = list(problems.caveats) if problems else []
+        if ref.kind == "VirtualService":
+            bound = set()
+            for key, state in self._states.items():
+                outcome = state.outcomes.get(ref)
+                if outcome is None:
+                    continue
+                rejections.extend(outcome.rejections)
+                caveats.extend(outcome.caveats)
+                if outcome.accepted:
+                    bound.add(key)
+            if not bound and not rejections and not caveats:
+                return None
+            return ObjectStatus(
+                ref,
+                generation,
+                (_accepted(rejections, bool(bound)),),
+                _sorted(rejections),
+                _sorted(caveats),
+                frozenset(bound),
+            )
+        if ref.kind == "InternalGateway":
+            return self._gateway_status(ref, generation, rejections, caveats)
+        if not rejections and not caveats:
+            return None
+        return ObjectStatus(
+            ref, generation, (_accepted(rejections, not rejections),), _sorted(rejections), _sorted(caveats)
+        )
+
+    def _gateway_status(
+        self, ref: ObjectRef, generation: int, rejections: list[Rejection], caveats: list[Caveat]
+    ) -> ObjectStatus:
+        key = f"{ref.namespace}/{ref.name}"
+        view, state = self._views.get(key), self._states.get(key)
+        if view is None or state is None:
+            return ObjectStatus(ref, generation, (_accepted(rejections, False),), _sorted(rejections), _sorted(caveats))
+        own = list(view.rejections)
+        caveats.extend(view.caveats)
+        conditions = [_accepted(own + rejections, view.scope is not None)]
+        if view.addressing is not None:
+            conditions.extend(view.addressing.conditions)
+            caveats.extend(view.addressing.caveats)
+        if state.bound_frozen is None:
+            state.bound_frozen = frozenset(state.bound)
+        for found in state.ref_rejections.values():
+            rejections.extend(found)
+        if view.scope is not None:
+            gw = (view.scope.gateway.namespace, view.scope.gateway.name)
+            for vs_ref in self._rejected_vs_by_gateway.get(gw, ()):
+                problems = self.snapshot.problems.get(vs_ref)
+                if problems is not None:
+                    rejections.extend(problems.rejections)
+        caveats.extend(state.domain_caveats.values())
+        for group in state.default_conflicts.values():
+            caveats.extend(group.values())
+        for found_caveats in state.default_caveats.values():
+            caveats.extend(found_caveats)
+        caveats.extend(state.unmigrated_defaults.values())
+        for fqdn in state.lost:
+            caveats.append(
+                Caveat(
+                    ref,
+                    "",
+                    f"{fqdn} is routed here, but DNS and redirects belong to the older InternalGateway "
+                    f"{self._name_owner.get(fqdn)}",
+                )
+            )
+        migrated = len(state.migrated) - len(state.lost)
+        conditions.append(
+            Condition(
+                "Migrated",
+                "True" if migrated else "False",
+                "Services",
+                f"{migrated} Service(s) moved behind the gateway",
+            )
+        )
+        return ObjectStatus(
+            ref,
+            generation,
+            tuple(conditions),
+            _sorted(own + rejections),
+            _sorted(caveats),
+            state.bound_frozen,
+        )
+
+    # =================================================================================== publish
+
+    def _publish(self, dirty: _Dirty) -> DesiredState:
+        prev = self.desired
+        stale = set(prev.envoy) - set(self._states)
+        envoy_view = prev.envoy if not dirty.gateways and not stale else None
+        envoy = dict(prev.envoy)
+        for key in dirty.gateways | stale:
+            state = self._states.get(key)
+            if state is None:
+                envoy.pop(key, None)
+                continue
+            envoy[key] = EnvoyConfig(
+                listeners=frozen_map(state.listeners),
+                route_configs=frozen_map(state.route_configs),
+                clusters=frozen_map(state.clusters),
+                endpoints=frozen_map(state.endpoints),
+            )
+        return DesiredState(
+            envoy=envoy_view if envoy_view is not None else frozen_map(envoy),
+            dns=frozen_map(self._dns) if dirty.names else prev.dns,
+            redirects=frozen_map(self._redirects) if dirty.names else prev.redirects,
+            status=frozen_map(self._status) if dirty.status else prev.status,
+        )
+
+
+def _store(target: dict[Any, dict], group: Any, entries: dict) -> None:
+    if entries:
+        target[group] = entries
+    else:
+        target.pop(group, None)
+
+
+def _sorted(items: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(sorted(set(items)))
+
+
+def _accepted(rejections: list[Rejection], bound: bool) -> Condition:
+    if not rejections:
+        return Condition("Accepted", "True", "Accepted")
+    message = "; ".join(f"{r.field}: {r.reason}" for r in sorted(set(rejections))[:5])
+    return Condition("Accepted", "False", "PartiallyInvalid" if bound else "Invalid", message)
+
+
+__all__ = ["EMPTY", "Translator", "translate"]

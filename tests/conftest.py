@@ -1,0 +1,46 @@
+"""Shared fixtures: the examples, a YAML loader for inline manifests, and a subprocess runner for the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from canal.snapshot import Snapshot
+from canal.translate import translate
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+CANAL = Path(sys.executable).with_name("canal")
+
+
+def docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def state_of(*texts: str):
+    snapshot = Snapshot.from_dicts([d for t in texts for d in docs(t)])
+    return translate(snapshot)
+
+
+def run_canal(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script, as a user would, from outside the checkout."""
+    return subprocess.run(
+        [str(CANAL), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.environ.get("TMPDIR", "/tmp"),
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+@pytest.fixture
+def helloworld_dir() -> Path:
+    return EXAMPLES / "helloworld"

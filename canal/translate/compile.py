@@ -284,6 +284,15 @@ class _Compiler:
                     )
                 )
             hosts.append((i, name, resolved, ports))
+            if host == "*" and ports:
+                self.caveats.append(
+                    Caveat(
+                        self.ref,
+                        f"spec.hosts[{i}]",
+                        "'*' shares one catch-all virtual host with every other such VirtualService (original "
+                        "Canal behaviour); name the Service as the host to give it its own virtual host",
+                    )
+                )
         if not any(ports for *_, ports in hosts):
             self.errors.append(
                 FieldError(

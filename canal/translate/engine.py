@@ -280,7 +280,11 @@ class Translator:
                     for ig_key, state in self._states.items():
                         if state.view.scope is not None and binds(vs, state.view.scope):
                             dirty.contribs.add((ig_key, ref))
-            self._reindex_gateways(ref, old, new)
+            for gw in self._reindex_gateways(ref, old, new):
+                for ig_key, state in self._states.items():
+                    scope = state.view.scope
+                    if scope is not None and (scope.gateway.namespace, scope.gateway.name) == gw:
+                        dirty.gateways.add(ig_key)
             return False
         if kind == "Service":
             dirty.contribs.update(self._readers.get(key, ()))
@@ -326,13 +330,14 @@ class Translator:
         # InternalGateway, Gateway, Namespace: few objects, handled wholesale.
         return kind in ("InternalGateway", "Gateway", "Namespace")
 
-    def _reindex_gateways(self, ref: ObjectRef, old: VirtualService | None, new: VirtualService | None) -> None:
-        for vs in (old,):
-            if vs is not None:
-                for gw in gateway_names(vs.gateways, vs.meta.namespace):
-                    self._vs_by_gateway[gw].discard(ref)
-        for gws in self._rejected_vs_by_gateway.values():
-            gws.discard(ref)
+    def _reindex_gateways(self, ref: ObjectRef, old: VirtualService | None, new: VirtualService | None) -> set[SvcKey]:
+        """Keep the gateway -> VirtualService indexes; returns gateways whose rejected list changed."""
+        if old is not None:
+            for gw in gateway_names(old.gateways, old.meta.namespace):
+                self._vs_by_gateway[gw].discard(ref)
+        touched = {gw for gw, refs in self._rejected_vs_by_gateway.items() if ref in refs}
+        for gw in touched:
+            self._rejected_vs_by_gateway[gw].discard(ref)
         if new is not None:
             for gw in gateway_names(new.gateways, new.meta.namespace):
                 self._vs_by_gateway[gw].add(ref)
@@ -340,6 +345,8 @@ class Translator:
         if new is None and problems is not None and problems.rejections:
             for gw in gateway_names(problems.gateways, ref.namespace):
                 self._rejected_vs_by_gateway[gw].add(ref)
+                touched.add(gw)
+        return touched
 
     # ============================================================================= gateway views
 
@@ -353,18 +360,11 @@ class Translator:
             if old is not None:
                 dirty.status.add(old.ig.ref)
             state = self._states.get(key)
+            if state is not None and (new is None or old is None or old.scope != new.scope):
+                self._drop_state(key, state, dirty)
             if new is None:
-                if state is not None:
-                    dirty.names.update(state.migrated)
-                    del self._states[key]
                 continue
-            rebuild = old is None or old.scope != new.scope
-            if rebuild:
-                if state is not None:
-                    dirty.names.update(state.migrated)
-                    dirty.status.update(state.outcomes)
-                    for ref in state.contribs:
-                        self._forget_reads((key, ref))
+            if old is None or old.scope != new.scope:
                 state = _GatewayState(new)
                 self._states[key] = state
                 if new.scope is not None:
@@ -383,6 +383,14 @@ class Translator:
                 for name in self.snapshot.in_namespace("Service", ns):
                     dirty.contribs.add((key, ObjectRef("Service", ns, name)))
         self._views = views
+
+    def _drop_state(self, key: str, state: _GatewayState, dirty: _Dirty) -> None:
+        """Forget everything built for a gateway; whatever it owned is re-decided."""
+        dirty.names.update(state.migrated)
+        dirty.status.update(state.outcomes)
+        for ref in state.contribs:
+            self._forget_reads((key, ref))
+        del self._states[key]
 
     def _compute_views(self) -> dict[str, GatewayView]:
         igs = sorted(self.snapshot.all("InternalGateway"), key=lambda ig: ig.meta.order)
@@ -1011,6 +1019,8 @@ class Translator:
     def _object_status(self, ref: ObjectRef) -> ObjectStatus | None:
         problems = self.snapshot.problems.get(ref)
         obj = self.snapshot.get(ref.kind, ref.namespace, ref.name)
+        if obj is None and problems is None:
+            return None
         generation = problems.generation if problems else (getattr(getattr(obj, "meta", None), "generation", 0) or 0)
         rejections = list(problems.rejections) if problems else []
         caveats = list(problems.caveats) if problems else []

@@ -7,13 +7,16 @@ field path (`spec.http[0].match[1].uri.regex`), so one bad object never hides th
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 INT32_MAX = 2**31 - 1
+_INTEGER = re.compile(r"[-+]?\d+")
 UINT32_MAX = 2**32 - 1
 
 
@@ -169,7 +172,7 @@ class Node:
         if value is None:
             return default
         # Protobuf JSON (and so Istio) accepts 64-bit integers as strings too.
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
             value = int(value)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -253,9 +256,9 @@ class Node:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise self.fail(key, f"keys must be strings, not {describe(k)}")
-            if isinstance(v, bool) or v is None:
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
                 raise FieldError(f"{self.at(key)}.{k}", f"must be a string, not {describe(v)}")
-            out[k] = v if isinstance(v, str) else str(v)
+            out[k] = v if isinstance(v, str) else str(v)  # YAML numbers, as kubectl users write them
         return out
 
     def done(self, *, ignored: tuple[str, ...] = ()) -> None:
@@ -276,13 +279,30 @@ def parse_meta(obj: Mapping[str, Any], issues: Issues, *, namespaced: bool = Tru
     namespace = node.str("namespace", default="default") if namespaced else ""
     labels = node.str_map("labels")
     generation = node.int("generation", default=0, lo=0) or 0
-    creation = node.raw("creationTimestamp")
+    creation = _timestamp(node, "creationTimestamp")
     return Meta(
         name=name,
         namespace=namespace,
         labels=labels,
         generation=generation,
-        creation=str(creation) if creation is not None else "",
+        creation=creation,
         uid=node.str("uid"),
         resource_version=str(node.raw("resourceVersion") or ""),
     )
+
+
+def _timestamp(node: Node, key: str) -> str:
+    """RFC 3339 in UTC with microseconds, so that comparing the text compares the instants ("" sorts first)."""
+    value = node.raw(key)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise node.fail(key, f"is not an RFC 3339 timestamp: {value!r}") from None
+    if not isinstance(value, datetime):  # a YAML 1.1 loader may already have made it a datetime
+        raise node.fail(key, f"must be an RFC 3339 timestamp, not {describe(value)}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -72,6 +72,13 @@ GATEWAY_PROTOCOLS = ("HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP
 HTTP_SERVER_PROTOCOLS = frozenset({"HTTP", "GRPC", "GRPC-WEB", "HTTP2"})
 TCP_SERVER_PROTOCOLS = frozenset({"TCP", "MONGO"})
 _DIRECT_RESPONSE_MAX_BYTES = 1024 * 1024
+MAGLEV_MAX_TABLE_SIZE = 5000011  # Envoy's validation bound on MaglevLbConfig.table_size
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, int(n**0.5) + 1))
 
 
 # --------------------------------------------------------------------------------------------- shared pieces
@@ -139,7 +146,9 @@ def _parse_header_ops(node: Node | None, *, request: bool) -> tuple[HeaderOps, s
                 authority = check_header_value(value, path)
                 continue
             if lowered.startswith(":") or lowered in _HOST_HEADERS:
-                raise FieldError(path, "pseudo-headers and Host cannot be set or added (use rewrite.authority)")
+                raise FieldError(
+                    path, "pseudo-headers and Host cannot be set or added (use rewrite.uri or rewrite.authority)"
+                )
             pairs.append((check_header_name(name, path), check_header_value(value, path)))
         out[op] = tuple(pairs)
     removes = []
@@ -511,10 +520,9 @@ def _parse_weighted(items: list[tuple[str, Any]], issues: Issues, *, http: bool)
         node.done()
     if len(out) == 1:
         only = out[0]
-        if only.weight not in (0, 100):
-            raise FieldError(
-                f"{items[0][0]}.weight",
-                f"a single destination takes all traffic; weight must be 100, got {only.weight}",
+        if only.weight not in (0, 100):  # Istio ignores it too; say so rather than reject a working route
+            issues.caveats.append(
+                (f"{items[0][0]}.weight", f"ignored: a single destination takes all traffic (weight {only.weight})")
             )
         out[0] = WeightedDestination(only.destination, 100, only.headers)
     elif len(out) > 1:
@@ -647,8 +655,8 @@ def _parse_redirect(node: Node) -> Redirect:
     if code not in REDIRECT_CODES:
         raise node.fail("redirectCode", f"Envoy can only send {', '.join(map(str, REDIRECT_CODES))}, got {code}")
     redirect = Redirect(
-        uri=node.str("uri"),
-        authority=node.str("authority"),
+        uri=_header_safe(node, "uri"),
+        authority=_header_safe(node, "authority"),
         port=port,
         derive_port=derive,
         scheme=scheme,
@@ -684,18 +692,23 @@ def _parse_direct_response(node: Node) -> DirectResponse:
     return DirectResponse(status, body)
 
 
+def _header_safe(node: Node, key: str) -> str:
+    """Paths and authorities end up in HTTP headers; Envoy rejects CR, LF and NUL in them."""
+    return check_header_value(node.str(key), node.at(key))
+
+
 def _parse_rewrite(node: Node) -> Rewrite:
     uri = node.raw("uri")
-    if uri is not None and not isinstance(uri, str):
-        raise node.fail("uri", "must be a string")
+    if uri is not None:
+        uri = _header_safe(node, "uri")
     regex_node = node.node("uriRegexRewrite")
-    authority = node.str("authority")
+    authority = _header_safe(node, "authority")
     if uri is not None and regex_node is not None:
         raise node.fail("uriRegexRewrite", "set either uri or uriRegexRewrite, not both")
     regex_match = regex_sub = ""
     if regex_node is not None:
         regex_match = check_regex(regex_node.str("match", required=True), regex_node.at("match"))
-        regex_sub = regex_node.str("rewrite", required=True)
+        regex_sub = check_header_value(regex_node.str("rewrite", required=True), regex_node.at("rewrite"))
         regex_node.done()
     if uri is None and regex_node is None and not authority:
         raise FieldError(node.path, "must set at least one of uri, uriRegexRewrite or authority")
@@ -1000,8 +1013,8 @@ def _parse_consistent_hash(node: Node) -> ConsistentHash:
     if ring is not None and maglev is not None:
         raise FieldError(node.path, "set either ringHash or maglev, not both")
     if maglev is not None:
-        size = maglev.int("tableSize", lo=0)
-        if size and (size < 2 or any(size % d == 0 for d in range(2, int(size**0.5) + 1))):
+        size = maglev.int("tableSize", lo=0, hi=MAGLEV_MAX_TABLE_SIZE)
+        if size and not _is_prime(size):
             raise maglev.fail("tableSize", f"must be a prime number (Envoy requirement), got {size}")
         maglev.done()
         fields.update(table="maglev", size=size or None)

@@ -130,13 +130,16 @@ def parse_service(obj: Mapping[str, Any], issues: Issues) -> Service:
     svc_type = spec.str("type", default="ClusterIP")
     if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
         raise spec.fail("type", f"must be ClusterIP, NodePort, LoadBalancer or ExternalName, got {svc_type!r}")
-    cluster_ips = list(spec.str_list("clusterIPs"))
+    listed = spec.str_list("clusterIPs")
     primary = spec.str("clusterIP")
-    if primary and primary not in cluster_ips:
-        cluster_ips.insert(0, primary)
-    if any(ip == "None" for ip in cluster_ips):
-        cluster_ips = []  # headless
-    cluster_ips = [check_ip(ip, "spec.clusterIPs") for ip in cluster_ips if ip]
+    if primary == "None" or "None" in listed:
+        cluster_ips: list[str] = []  # headless
+    else:
+        cluster_ips = [check_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(listed) if ip]
+        if primary:
+            primary = check_ip(primary, "spec.clusterIP")
+            if primary not in cluster_ips:
+                cluster_ips.insert(0, primary)
     ports = []
     seen_ports: set[tuple[int, str]] = set()
     for p in spec.nodes("ports"):
@@ -187,7 +190,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any], issues: Issues) -> EndpointSlic
     for ep in root.nodes("endpoints"):
         addresses = ep.str_list("addresses")
         if address_type != "FQDN":
-            addresses = tuple(check_ip(a, ep.at("addresses")) for a in addresses)
+            addresses = tuple(check_ip(a, f"{ep.at('addresses')}[{i}]") for i, a in enumerate(addresses))
         cond = ep.node_or_empty("conditions")
         # API semantics: an unknown (nil) ready condition means ready; serving defaults to ready.
         ready = _condition(cond, "ready", True)
@@ -231,7 +234,7 @@ def parse_pod(obj: Mapping[str, Any], issues: Issues) -> Pod:
     primary = status.str("podIP")
     if primary and primary not in ips:
         ips.insert(0, primary)
-    ips = [check_ip(ip, "status.podIPs") for ip in ips if ip]
+    ips = [check_ip(ip, "status.podIPs") for ip in ips if ip]  # reported as a whole: podIP mirrors podIPs[0]
     ready = status.str("phase") == "Running" and any(
         c.str("type") == "Ready" and c.str("status") == "True" for c in status.nodes("conditions")
     )

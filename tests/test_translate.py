@@ -367,18 +367,22 @@ def test_tcp_route_and_port_conflict_between_services():
     assert rejections_of(state, vs_ref("mysql-a")) == []
 
 
-def test_short_names_claimed_twice_on_one_port_are_routed_by_neither():
+def test_a_short_name_claimed_twice_on_one_port_goes_to_the_older_service_only():
+    """Clients in a and in b both send `Host: web`; the gateway cannot tell them apart."""
     objs = [*base(), *app("web", "a", ips=("10.244.1.1",)), *app("web", "b", ips=("10.244.2.1",))]
-    objs += [virtual_service("web", ns, http=[{"route": [route("web")]}]) for ns in ("a", "b")]
+    objs.append(virtual_service("web", "a", http=[{"route": [route("web")]}], created="2024-01-01T00:00:00Z"))
+    objs.append(virtual_service("web", "b", http=[{"route": [route("web")]}], created="2024-02-01T00:00:00Z"))
     state = run(objs)
     vh = vhosts(state)
-    for ns in ("a", "b"):
-        domains = vh[f"web.{ns}.svc.cluster.local"].domains
-        assert "web" not in domains and "web:80" not in domains
-        assert f"web.{ns}" in domains
-    caveats = state.status[ObjectRef("InternalGateway", "istio-system", "canal")].caveats
-    assert any("web, web:80" in c.message and "routed by neither" in c.message for c in caveats)
-
+    older, younger = vh["web.a.svc.cluster.local"].domains, vh["web.b.svc.cluster.local"].domains
+    assert "web" in older and "web:80" in older
+    assert "web" not in younger and "web:80" not in younger and "web.b" in younger
+    # the older one moves; the younger stays direct (its clients' short name would otherwise reach a's routes)
+    assert "web.a.svc.cluster.local" in state.dns
+    assert "web.b.svc.cluster.local" not in state.dns
+    (reason,) = rejections_of(state, vs_ref("web", "b"))
+    assert "name(s) web, web:80 belong to web.a.svc.cluster.local (older)" in reason
+    assert rejections_of(state, vs_ref("web", "a")) == []
 
 def test_namespace_selector_default_routes_and_explicit_virtual_service_wins():
     objs = [

@@ -301,6 +301,10 @@ class _Compiler:
                     f"from namespace {vs.meta.namespace}",
                 )
             )
+        # A Service host is served on the ports it has (clients only ever call those); other hosts on every
+        # port their servers admit.
+        admitted = {i: ports for i, _, _, ports in hosts}
+        hosts = [(i, name, resolved, _own_ports(resolved, ports)) for i, name, resolved, ports in hosts]
         all_ports = sorted({p for *_, ports in hosts for p in ports})
         http_ports = [p for p in all_ports if scope.port_kinds.get(p) == "http"]
         tcp_ports = [p for p in all_ports if scope.port_kinds.get(p) == "tcp"]
@@ -345,9 +349,9 @@ class _Compiler:
 
         # Which Services move behind the gateway: the hosts that are Services, or the destinations of `*`.
         migrates: dict[str, Service] = {}
-        for i, _name, resolved, ports in hosts:
-            if resolved is not None and ports:
-                self.check_migratable(resolved, f"spec.hosts[{i}]", ports)
+        for i, _name, resolved, _ports in hosts:
+            if resolved is not None and admitted[i]:
+                self.check_migratable(resolved, f"spec.hosts[{i}]", admitted[i])
                 migrates[resolved.fqdn] = resolved.service
         wildcard_migrates: set[str] = set()
         if wildcard:
@@ -394,6 +398,12 @@ class _Compiler:
         problem = migration_problem(target.service, self.scope, admitted_ports)
         if problem:
             self.errors.append(FieldError(path, problem))
+
+
+def _own_ports(resolved: _Resolved | None, ports: list[int]) -> list[int]:
+    if resolved is None:
+        return ports
+    return [p for p in ports if resolved.service.port(p) is not None]
 
 
 def migration_problem(service: Service, scope: GatewayScope, admitted_ports: list[int] | None = None) -> str:

@@ -108,6 +108,8 @@ class GatewayView:
 class _Candidate:
     routes: tuple[Route, ...]
     domains: tuple[str, ...]
+    rank: tuple[Any, ...]  # who keeps a domain two hosts claim: the oldest source, then the host name
+    service: bool  # the host is a Service (losing a name then stops its migration)
 
 
 @dataclass(slots=True)
@@ -139,6 +141,7 @@ class _GatewayState:
     vhosts: dict[int, dict[str, VirtualHost]] = field(default_factory=lambda: defaultdict(dict))
     filters: dict[int, dict[str, tuple[bool, bool]]] = field(default_factory=lambda: defaultdict(dict))
     domain_caveats: dict[tuple[int, str], Caveat] = field(default_factory=dict)
+    lost_domains: dict[tuple[int, str], tuple[str, str]] = field(default_factory=dict)  # (names, their owners)
     tcp_winners: dict[int, _TcpWinner] = field(default_factory=dict)
     conflicts: dict[GroupId, dict[ObjectRef, Rejection]] = field(default_factory=dict)
     default_conflicts: dict[GroupId, dict[ObjectRef, Caveat]] = field(default_factory=dict)
@@ -662,7 +665,8 @@ class Translator:
             domains = (
                 service_domains(service, scope.domain, port) if service is not None else literal_domains(vkey, port)
             )
-            candidate = _Candidate(tuple(chain.from_iterable(p.routes for p in parts)), domains)
+            routes = tuple(chain.from_iterable(p.routes for p in parts))
+            candidate = _Candidate(routes, domains, (contribs[0].order, vkey), service is not None)
         old = state.candidates.get(group_key)
         if candidate == old:
             return
@@ -673,6 +677,9 @@ class Translator:
         old_domains = set(old.domains) if old else set()
         new_domains = set(candidate.domains) if candidate else set()
         affected = {vkey}
+        if old is not None and candidate is not None and old.rank != candidate.rank:
+            for domain in new_domains:  # a change of age can change who keeps a shared name
+                affected |= state.domain_owners.get((port, domain), set())
         for domain in old_domains - new_domains:
             owners = state.domain_owners[(port, domain)]
             owners.discard(vkey)
@@ -696,25 +703,43 @@ class Translator:
         dirty.finalize[key].update((port, v) for v in affected)
 
     def _finalize_vhost(self, key: str, state: _GatewayState, group_key: tuple[int, str], dirty: _Dirty) -> None:
-        """Turn a candidate into the virtual host Envoy gets: a domain two hosts claim is given to neither."""
+        """Turn a candidate into the virtual host Envoy gets; a domain two hosts claim goes to the older one.
+
+        The Host header is all the gateway sees: two Services both answering to `web` (from two namespaces)
+        cannot both be served on one port. The younger one keeps its qualified names and is not migrated, so
+        its clients keep reaching it directly.
+        """
         port, vkey = group_key
         candidate = state.candidates.get(group_key)
         vhost = None
         state.domain_caveats.pop(group_key, None)
+        lost: tuple[str, ...] = ()
         if candidate is not None:
-            domains, shared = [], []
+            domains, shared, winners = [], [], set()
             for d in candidate.domains:
-                (domains if len(state.domain_owners.get((port, d), ())) == 1 else shared).append(d)
+                owners = state.domain_owners.get((port, d), ())
+                winner = vkey if len(owners) == 1 else min(owners, key=lambda v: state.candidates[(port, v)].rank)
+                if winner == vkey:
+                    domains.append(d)
+                else:
+                    shared.append(d)
+                    winners.add(winner)
             if shared:
-                others = sorted(set().union(*(state.domain_owners[(port, d)] for d in shared)) - {vkey})
-                state.domain_caveats[group_key] = Caveat(
-                    state.view.ig.ref,
-                    f"port {port}",
-                    f"host(s) {', '.join(shared)} of {vkey} are also claimed by {', '.join(others)}; "
-                    "requests with those Host headers are routed by neither (use a qualified name)",
-                )
+                lost = (", ".join(shared), ", ".join(sorted(winners)))
+                if not candidate.service:
+                    state.domain_caveats[group_key] = Caveat(
+                        state.view.ig.ref,
+                        f"port {port}",
+                        f"host(s) {lost[0]} of {vkey} belong to the older {lost[1]} and are not routed here",
+                    )
             if domains:
                 vhost = VirtualHost(f"{vkey}:{port}", tuple(domains), candidate.routes)
+        if lost != state.lost_domains.get(group_key, ()):
+            if lost:
+                state.lost_domains[group_key] = lost
+            else:
+                state.lost_domains.pop(group_key, None)
+            dirty.migration[key].add(vkey)
         port_vhosts = state.vhosts[port]
         if port_vhosts.get(vkey) == vhost:
             return
@@ -789,9 +814,16 @@ class Translator:
             wildcard = any(fqdn in c.wildcard_migrates for c in sources)
             for sp in service.ports:
                 if scope.port_kinds.get(sp.port) == "http":
-                    if (sp.port, fqdn) in state.candidates or (wildcard and (sp.port, "*") in state.candidates):
+                    lost = state.lost_domains.get((sp.port, fqdn))
+                    if lost:
+                        problem = (
+                            f"on port {sp.port} its name(s) {lost[0]} belong to {lost[1]} (older); the gateway "
+                            "cannot tell their clients apart, so it stays direct"
+                        )
+                    elif (sp.port, fqdn) in state.candidates or (wildcard and (sp.port, "*") in state.candidates):
                         continue
-                    problem = f"port {sp.port} has no HTTP route for {fqdn} on Gateway {scope.gateway}"
+                    else:
+                        problem = f"port {sp.port} has no HTTP route for {fqdn} on Gateway {scope.gateway}"
                 else:
                     winner = state.tcp_winners.get(sp.port)
                     if winner is not None and fqdn in winner.part.services:

@@ -1,15 +1,18 @@
 """The desired state: what every publisher (xDS, DNS, node agents, status writer) is told to make true.
 
 Plain, immutable data with Envoy's semantics but not Envoy's protos, so translation stays pure and cheap; the xDS
-builders turn it into protos. Mappings are read-only views; their order carries no meaning (renderers sort).
+builders turn it into protos. Mappings are persistent maps (immutables.Map, a HAMT): an incremental update shares
+everything it did not change, so publishing a new state costs O(changes), not O(size). Their order carries no
+meaning (renderers sort).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
+
+import immutables
 
 from canal.model.base import Caveat, ObjectRef, Rejection
 from canal.model.istio import (
@@ -23,12 +26,57 @@ from canal.model.istio import (
     TcpKeepalive,
 )
 
-EMPTY: Mapping[Any, Any] = MappingProxyType({})
+EMPTY: Mapping[Any, Any] = immutables.Map()
+_MISSING = object()
 
 
 def frozen_map(data: Mapping[Any, Any]) -> Mapping[Any, Any]:
-    """A read-only view over a private copy."""
-    return MappingProxyType(dict(data)) if data else EMPTY
+    return immutables.Map(data) if data else EMPTY
+
+
+class Table:
+    """A dict for the translator to work in, plus its published persistent map, updated by delta."""
+
+    __slots__ = ("changed", "data", "published")
+
+    def __init__(self) -> None:
+        self.data: dict[Any, Any] = {}
+        self.published: immutables.Map = EMPTY
+        self.changed: set[Any] = set()
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.data
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.data[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.data[key] = value
+        self.changed.add(key)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        if key in self.data:
+            self.changed.add(key)
+        return self.data.pop(key, default)
+
+    def publish(self) -> immutables.Map:
+        if self.changed:
+            mutation = self.published.mutate()
+            for key in self.changed:
+                value = self.data.get(key, _MISSING)
+                if value is _MISSING:
+                    mutation.pop(key, None)
+                else:
+                    mutation[key] = value
+            self.published = mutation.finish()
+            self.changed.clear()
+        return self.published
 
 
 # ------------------------------------------------------------------------------------------------- Envoy

@@ -35,6 +35,8 @@ def _field_defaults(cls: type) -> tuple[tuple[str, Any], ...]:
 
 
 def key_text(key: Any) -> str:
+    if isinstance(key, ObjectRef):
+        return str(key)
     if isinstance(key, RedirectKey):
         host = f"[{key.cluster_ip}]" if ":" in key.cluster_ip else key.cluster_ip
         return f"{host}:{key.port}/{key.protocol}"

@@ -344,7 +344,7 @@ def test_port_without_gateway_server_rejects_the_virtual_service():
     ]
     state = run(objs)
     assert any("port 9090" in r and "no matching server" in r for r in rejections_of(state, vs_ref("web")))
-    assert state.envoy[IG].route_configs["http.80"].virtual_hosts == {}  # a rejected VirtualService drops out
+    assert not state.envoy[IG].route_configs["http.80"].virtual_hosts  # a rejected VirtualService drops out
     assert not state.dns
 
 
@@ -482,7 +482,7 @@ def test_gateway_adopted_twice_and_missing_gateway():
         ("spec.gatewayRef", "Gateway istio-system/nope not found")
     ]
     # rejected gateways still get an (empty) config, so their Envoys are told something definite
-    assert state.envoy["istio-system/second"].listeners == {} and state.envoy["istio-system/lost"].clusters == {}
+    assert not state.envoy["istio-system/second"].listeners and not state.envoy["istio-system/lost"].clusters
 
 
 def test_older_internal_gateway_owns_dns_for_a_service_both_route():

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -20,9 +20,12 @@ _INTEGER = re.compile(r"[-+]?\d+")
 UINT32_MAX = 2**32 - 1
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ObjectRef:
-    """Kind plus namespace/name: how every message and status entry names an object."""
+class ObjectRef(NamedTuple):
+    """Kind plus namespace/name: how every message and status entry names an object.
+
+    A NamedTuple rather than a dataclass: it is the most used key in the translator, and tuple hashing and
+    comparison run in C.
+    """
 
     kind: str
     namespace: str

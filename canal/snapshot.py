@@ -143,7 +143,10 @@ class Snapshot:
     # ------------------------------------------------------------------------------------------- reads
 
     def get(self, kind: str, namespace: str, name: str) -> Any | None:
-        return self.objects.get(kind, {}).get(namespace, {}).get(name)
+        try:  # the hottest read in translation; most lookups hit
+            return self.objects[kind][namespace][name]
+        except KeyError:
+            return None
 
     def in_namespace(self, kind: str, namespace: str) -> Mapping[str, Any]:
         return self.objects.get(kind, {}).get(namespace, {})

@@ -92,11 +92,9 @@ def select_endpoints(
                 owner = pod(slc.meta.namespace, ep.pod) if ep.pod else None
                 if owner is None or any(owner.meta.labels.get(k) != v for k, v in labels):
                     continue
-            endpoint = Endpoint(ep.addresses[0], target, ep.node_name, ep.zone)
-            key = (endpoint.address, endpoint.port)
             if ep.ready:
-                ready[key] = endpoint
+                ready[(ep.addresses[0], target)] = Endpoint(ep.addresses[0], target, ep.node_name, ep.zone)
             elif ep.serving and ep.terminating:
-                draining[key] = endpoint
+                draining[(ep.addresses[0], target)] = Endpoint(ep.addresses[0], target, ep.node_name, ep.zone)
     chosen = ready or draining
     return tuple(chosen[k] for k in sorted(chosen))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from canal.desired import (
     ClusterWeight,
@@ -21,10 +22,12 @@ from canal.model.base import Caveat, FieldError, ObjectRef, Rejection
 from canal.model.istio import (
     MESH_GATEWAY,
     Destination,
+    DestinationRule,
     DirectResponse,
     HttpMatch,
     HttpRoute,
     Redirect,
+    Retries,
     StringMatch,
     TcpRoute,
     VirtualService,
@@ -32,7 +35,7 @@ from canal.model.istio import (
 )
 from canal.model.kube import OPAQUE_APP_PROTOCOLS, Service
 from canal.model.values import check_regex
-from canal.translate.context import Contribution, GatewayScope, Lookup, TcpPart, VhostPart
+from canal.translate.context import Contribution, GatewayScope, Lookup, RoutesSummary, TcpPart, VhostPart
 from canal.translate.names import cluster_name, host_candidates, server_admits, split_service_fqdn
 
 # Istio's default retry policy for every HTTP route without `retries`: migrating off sidecars must not change
@@ -83,10 +86,28 @@ class _Compiler:
         self.ref = vs.ref
         self.errors: list[FieldError] = []
         self.caveats: list[Caveat] = []
+        self.resolved: dict[str, _Resolved | None] = {}
+        self.rules: dict[tuple[str, str], DestinationRule | None] = {}
 
     # ------------------------------------------------------------------------------------- resolution
 
     def resolve(self, host: str) -> _Resolved | None:
+        """The Service a host names; memoised per compilation (routes repeat the same few hosts)."""
+        try:
+            return self.resolved[host]
+        except KeyError:
+            found = self.resolved[host] = self._resolve(host)
+            return found
+
+    def rule_for(self, service: Service) -> DestinationRule | None:
+        key = (service.meta.namespace, service.meta.name)
+        try:
+            return self.rules[key]
+        except KeyError:
+            found = self.rules[key] = self.lookup.destination_rule(service, self.scope)
+            return found
+
+    def _resolve(self, host: str) -> _Resolved | None:
         for candidate in host_candidates(host, self.vs.meta.namespace, self.scope.domain):
             parts = split_service_fqdn(candidate, self.scope.domain)
             if parts is None:
@@ -128,7 +149,7 @@ class _Compiler:
             )
         port = self.destination_port(dest, service, listener_port)
         if dest.subset:
-            rule = self.lookup.destination_rule(service, self.scope)
+            rule = self.rule_for(service)
             if rule is None:
                 raise FieldError(f"{dest.path}.subset", f"no DestinationRule defines subsets for {resolved.fqdn}")
             if rule.subset(dest.subset) is None:
@@ -152,15 +173,17 @@ class _Compiler:
 
     def route_match(self, match: HttpMatch | None) -> RouteMatch:
         if match is None:
-            return RouteMatch(PathMatch("prefix", "/"))
+            return _interned_match("prefix", "/", False)
         if match.uri is None:
-            path = PathMatch("prefix", "/")
+            kind, value, ignore_case = "prefix", "/", False
         elif match.uri.kind == "regex" and match.ignore_uri_case:
             # Envoy ignores case_sensitive for regex matches; RE2's (?i) flag is the equivalent.
-            pattern = check_regex("(?i)" + match.uri.value, f"{match.path}.uri.regex")
-            path = PathMatch("regex", pattern)
+            kind, value, ignore_case = "regex", check_regex("(?i)" + match.uri.value, f"{match.path}.uri.regex"), False
         else:
-            path = PathMatch(match.uri.kind, match.uri.value, match.ignore_uri_case)
+            kind, value, ignore_case = match.uri.kind, match.uri.value, match.ignore_uri_case
+        if not (match.method or match.authority or match.scheme or match.headers or match.query_params):
+            return _interned_match(kind, value, ignore_case)
+        path = _interned_match(kind, value, ignore_case).path
         headers = []
         for name, sm in (
             (":method", match.method),
@@ -179,7 +202,7 @@ class _Compiler:
 
     def hash_policies(self, resolved: list[tuple[_Resolved, Destination, int]]) -> tuple[HashPolicy, ...]:
         for target, dest, port in resolved:
-            rule = self.lookup.destination_rule(target.service, self.scope)
+            rule = self.rule_for(target.service)
             if rule is None:
                 continue
             lb = rule.effective_policy(dest.subset, port).load_balancer
@@ -189,10 +212,16 @@ class _Compiler:
         return ()
 
     def build_routes(self, index: int, route: HttpRoute, port: int) -> list[Route]:
+        """The Envoy routes of one HTTP route on one listener port."""
         matches: list[HttpMatch | None] = list(route.matches) or [None]
         applicable = [(j, m) for j, m in enumerate(matches) if self.match_applies(m, port)]
         if not applicable:
             return []
+        return self._build_routes(index, route, port, applicable)
+
+    def _build_routes(
+        self, index: int, route: HttpRoute, port: int, applicable: list[tuple[int, HttpMatch | None]]
+    ) -> list[Route]:
         label = route.name or str(index)
         request_headers, response_headers = route.headers.request, route.headers.response
         action: Forward | Redirect | DirectResponse
@@ -205,7 +234,10 @@ class _Compiler:
             resolved: list[tuple[_Resolved, Destination, int]] = []
             for wd in route.destinations:
                 name, target, dest_port = self.destination(wd.destination, port)
-                weights.append(ClusterWeight(name, wd.weight, wd.headers.request, wd.headers.response))
+                if wd.headers.request or wd.headers.response:
+                    weights.append(ClusterWeight(name, wd.weight, wd.headers.request, wd.headers.response))
+                else:
+                    weights.append(_interned_weight(name, wd.weight))
                 resolved.append((target, wd.destination, dest_port))
             mirrors = []
             for mirror in route.mirrors:
@@ -215,7 +247,7 @@ class _Compiler:
             action = Forward(
                 clusters=tuple(weights),
                 timeout_ms=route.timeout_ms or 0,
-                retry=_retry_policy(route),
+                retry=_retry_policy(route.retries),
                 prefix_rewrite=rewrite.uri if rewrite is not None else None,
                 regex_rewrite=(rewrite.regex_match, rewrite.regex_substitution)
                 if rewrite is not None and rewrite.regex_match
@@ -246,7 +278,7 @@ class _Compiler:
         weights, targets = [], []
         for wd in route.destinations:
             name, target, _ = self.destination(wd.destination, port)
-            weights.append(ClusterWeight(name, wd.weight))
+            weights.append(_interned_weight(name, wd.weight))
             targets.append(target)
         return TcpProxy(tuple(weights), f"{self.vs.meta.namespace}/{self.vs.meta.name}/tcp/{index}"), targets
 
@@ -376,13 +408,14 @@ class _Compiler:
                 caveats=tuple(self.caveats),
             )
         vhosts: dict[tuple[int, str], VhostPart] = {}
+        summaries = {port: RoutesSummary.of(routes) for port, routes in routes_by_port.items()}
         for _, name, resolved, ports in hosts:
             for port in ports:
                 routes = routes_by_port.get(port)
                 if routes is None or scope.port_kinds.get(port) != "http":
                     continue
                 vkey = resolved.fqdn if resolved else name
-                vhosts[(port, vkey)] = VhostPart(vkey, resolved.service if resolved else None, routes)
+                vhosts[(port, vkey)] = VhostPart(vkey, resolved.service if resolved else None, routes, summaries[port])
         return Contribution(
             self.ref,
             (0, *vs.meta.order),
@@ -431,14 +464,41 @@ def migration_problem(service: Service, scope: GatewayScope, admitted_ports: lis
     return ""
 
 
+# Equal values are shared: tens of thousands of routes repeat the same few paths and cluster weights, and
+# building a frozen dataclass costs a microsecond. Bounded so a long-running controller cannot grow them forever.
+_INTERN_LIMIT = 200_000
+_MATCHES: dict[tuple[str, str, bool], RouteMatch] = {}
+_WEIGHTS: dict[tuple[str, int], ClusterWeight] = {}
+
+
+def _interned_match(kind: str, value: str, ignore_case: bool) -> RouteMatch:
+    key = (kind, value, ignore_case)
+    found = _MATCHES.get(key)
+    if found is None:
+        if len(_MATCHES) > _INTERN_LIMIT:
+            _MATCHES.clear()
+        found = _MATCHES[key] = RouteMatch(PathMatch(kind, value, ignore_case))
+    return found
+
+
+def _interned_weight(cluster: str, weight: int) -> ClusterWeight:
+    key = (cluster, weight)
+    found = _WEIGHTS.get(key)
+    if found is None:
+        if len(_WEIGHTS) > _INTERN_LIMIT:
+            _WEIGHTS.clear()
+        found = _WEIGHTS[key] = ClusterWeight(cluster, weight)
+    return found
+
+
 def _header_matcher(name: str, sm: StringMatch | None, invert: bool) -> HeaderMatcher:
     if sm is None:
         return HeaderMatcher(name, "present", "", invert)
     return HeaderMatcher(name, sm.kind, sm.value, invert)
 
 
-def _retry_policy(route: HttpRoute) -> RetryPolicy | None:
-    retries = route.retries
+@lru_cache(maxsize=4096)
+def _retry_policy(retries: Retries | None) -> RetryPolicy | None:
     if retries is None:
         return DEFAULT_RETRY
     if retries.attempts == 0:
@@ -484,7 +544,7 @@ def compile_default(service: Service, scope: GatewayScope) -> Contribution:
                 match=RouteMatch(PathMatch("prefix", "/")),
                 action=Forward(clusters=cluster, retry=DEFAULT_RETRY),
             )
-            vhosts[(sp.port, fqdn)] = VhostPart(fqdn, service, (route,))
+            vhosts[(sp.port, fqdn)] = VhostPart(fqdn, service, (route,), RoutesSummary.of((route,)))
         else:
             source = f"namespace-default/{service.meta.namespace}/{service.meta.name}"
             tcp[sp.port] = TcpPart(0, TcpProxy(cluster, source), frozenset({fqdn}), "")

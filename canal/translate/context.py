@@ -39,6 +39,27 @@ class VhostPart:
     vkey: str  # the Service FQDN, a literal host, or "*"
     service: Service | None  # set when the host is a Service: its domains come from it
     routes: tuple[Route, ...]
+    summary: RoutesSummary
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesSummary:
+    """What assembly needs to know about a list of routes, computed once where the list is built."""
+
+    clusters: frozenset[str]
+    fault: bool
+    cors: bool
+
+    @classmethod
+    def of(cls, routes: tuple[Route, ...]) -> RoutesSummary:
+        return cls(
+            frozenset(c for r in routes for c in r.clusters),
+            any(r.fault is not None for r in routes),
+            any(r.cors is not None for r in routes),
+        )
+
+    def __or__(self, other: RoutesSummary) -> RoutesSummary:
+        return RoutesSummary(self.clusters | other.clusters, self.fault or other.fault, self.cors or other.cors)
 
 
 @dataclass(frozen=True, slots=True)

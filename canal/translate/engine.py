@@ -18,10 +18,12 @@ property of the dependency tracking alone (tested with hypothesis).
 from __future__ import annotations
 
 import gc
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache, reduce
 from itertools import chain
 from typing import Any
 
@@ -52,7 +54,7 @@ from canal.model.values import is_ipv6
 from canal.snapshot import Change, Parsed, Snapshot
 from canal.translate.clusters import build_cluster, select_endpoints
 from canal.translate.compile import binds, compile_default, compile_virtual_service, gateway_names
-from canal.translate.context import Contribution, GatewayScope, TcpPart
+from canal.translate.context import Contribution, GatewayScope, RoutesSummary, TcpPart
 from canal.translate.names import literal_domains, service_domains, split_service_fqdn
 
 SvcKey = tuple[str, str]  # (namespace, name)
@@ -68,15 +70,25 @@ def translate(snapshot: Snapshot) -> DesiredState:
 _STATUS_KINDS = frozenset({"VirtualService", "InternalGateway"})
 
 
+_FREEZE_AFTER = 100_000  # objects allocated by one batch
+
+
 @contextmanager
 def _paused_gc() -> Iterator[None]:
-    """The translator builds hundreds of thousands of small, acyclic objects per full build; letting the cyclic
-    collector walk them all repeatedly doubled the build time. Reference counting still frees everything."""
+    """Keep the cyclic collector off the translator's data.
+
+    A full build allocates millions of small, acyclic, long-lived objects; walking them repeatedly doubled the
+    build time. The collector is paused during a batch, and after a large batch everything alive is moved to
+    the permanent generation (gc.freeze), or the first collection afterwards would walk it all anyway.
+    Reference counting still frees these objects when they are replaced.
+    """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if gc.get_count()[0] > _FREEZE_AFTER:
+            gc.freeze()
         if enabled:
             gc.enable()
 
@@ -128,6 +140,7 @@ class _Candidate:
     domains: tuple[str, ...]
     rank: tuple[Any, ...]  # who keeps a domain two hosts claim: the oldest source, then the host name
     service: bool  # the host is a Service (losing a name then stops its migration)
+    summary: RoutesSummary
 
 
 @dataclass(slots=True)
@@ -268,9 +281,12 @@ class Translator:
             raise ValueError("load() needs an empty Translator; use apply() for changes")
         with _paused_gc():
             self.snapshot = snapshot
+            # Pods are read directly (gateway views, subset endpoints); with no earlier state, a Pod change has
+            # nothing to invalidate, so a full build skips indexing tens of thousands of them.
             changes = [
                 Change(ObjectRef(kind, ns, name), None, obj)
                 for kind, namespaces in snapshot.objects.items()
+                if kind != "Pod"
                 for ns, names in namespaces.items()
                 for name, obj in names.items()
             ]
@@ -698,7 +714,10 @@ class Translator:
     def _candidate(self, key: str, state: _GatewayState, group_key: tuple[int, str], dirty: _Dirty) -> None:
         port, vkey = group_key
         members = state.vhost_members.get(group_key, ())
-        contribs = sorted((state.contribs[r] for r in members), key=lambda c: c.order)
+        if len(members) == 1:
+            contribs = [state.contribs[next(iter(members))]]
+        else:
+            contribs = sorted((state.contribs[r] for r in members), key=lambda c: c.order)
         if state.explicit_members.get(vkey):
             contribs = [c for c in contribs if c.explicit]
         candidate = None
@@ -710,8 +729,12 @@ class Translator:
             domains = (
                 service_domains(service, scope.domain, port) if service is not None else literal_domains(vkey, port)
             )
-            routes = tuple(chain.from_iterable(p.routes for p in parts))
-            candidate = _Candidate(routes, domains, (contribs[0].order, vkey), service is not None)
+            if len(parts) == 1:
+                routes, summary = parts[0].routes, parts[0].summary
+            else:
+                routes = tuple(chain.from_iterable(p.routes for p in parts))
+                summary = reduce(operator.or_, (p.summary for p in parts))
+            candidate = _Candidate(routes, domains, (contribs[0].order, vkey), service is not None, summary)
         old = state.candidates.get(group_key)
         if candidate == old:
             return
@@ -719,8 +742,8 @@ class Translator:
             dirty.migration[key].add(vkey)
             if vkey == "*":
                 dirty.migration[key].update(state.wildcard_members)
-        old_domains = set(old.domains) if old else set()
-        new_domains = set(candidate.domains) if candidate else set()
+        old_domains = set(old.domains) if old else frozenset()
+        new_domains = set(candidate.domains) if candidate else frozenset()
         affected = {vkey}
         if old is not None and candidate is not None and old.rank != candidate.rank:
             for domain in new_domains:  # a change of age can change who keeps a shared name
@@ -757,14 +780,17 @@ class Translator:
         port, vkey = group_key
         candidate = state.candidates.get(group_key)
         vhost = None
-        state.domain_caveats.pop(group_key, None)
+        had_caveat = state.domain_caveats.pop(group_key, None)
         lost: tuple[str, ...] = ()
-        had_caveat = state.domain_caveats.get(group_key)
         if candidate is not None:
             domains, shared, winners = [], [], set()
+            owners_of = state.domain_owners
             for d in candidate.domains:
-                owners = state.domain_owners.get((port, d), ())
-                winner = vkey if len(owners) == 1 else min(owners, key=lambda v: state.candidates[(port, v)].rank)
+                owners = owners_of[(port, d)]
+                if len(owners) == 1:
+                    domains.append(d)
+                    continue
+                winner = min(owners, key=lambda v: state.candidates[(port, v)].rank)
                 if winner == vkey:
                     domains.append(d)
                 else:
@@ -797,11 +823,9 @@ class Translator:
             clusters: frozenset[str] = frozenset()
         else:
             port_vhosts[vkey] = vhost
-            state.filters[port][vkey] = (
-                any(r.fault is not None for r in vhost.routes),
-                any(r.cors is not None for r in vhost.routes),
-            )
-            clusters = frozenset(chain.from_iterable(r.clusters for r in vhost.routes))
+            summary = candidate.summary
+            state.filters[port][vkey] = (summary.fault, summary.cors)
+            clusters = summary.clusters
         self._set_group_clusters(key, state, ("vh", port, vkey), clusters, dirty)
         dirty.ports[key].add(port)
 
@@ -1027,14 +1051,15 @@ class Translator:
             if addressing.redirect_mode != "none" and addressing.backends:
                 keys = []
                 for ip in service.cluster_ips:
-                    family = [b for b in addressing.backends if is_ipv6(b) == is_ipv6(ip)]
-                    if not family:
-                        continue
+                    v6 = is_ipv6(ip)
                     for sp in service.ports:
+                        backends = _backends(addressing.backends, v6, sp.port)
+                        if not backends:
+                            break
                         rkey = RedirectKey(ip, "tcp", sp.port)
                         self._redirects[rkey] = RedirectRule(
                             rkey,
-                            tuple(Backend(b, sp.port) for b in family),
+                            backends,
                             f"{service.meta.namespace}/{service.meta.name}",
                             owner[1],
                             addressing.redirect_mode,
@@ -1209,6 +1234,12 @@ class Translator:
             redirects=self._redirects.publish(),
             status=self._status.publish(),
         )
+
+
+@lru_cache(maxsize=1024)
+def _backends(addresses: tuple[str, ...], v6: bool, port: int) -> tuple[Backend, ...]:
+    """The gateway pods of one address family on one port; shared by every rule that redirects there."""
+    return tuple(Backend(a, port) for a in addresses if is_ipv6(a) == v6)
 
 
 def _store(target: dict[Any, dict], group: Any, entries: dict) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from canal.desired import EMPTY, Route, TcpProxy
+from canal.desired import EMPTY, Forward, Route, TcpProxy
 from canal.model.base import Caveat, ObjectRef, Rejection
 from canal.model.internal_gateway import NamespacedName
 from canal.model.istio import DestinationRule, Server
@@ -52,11 +52,19 @@ class RoutesSummary:
 
     @classmethod
     def of(cls, routes: tuple[Route, ...]) -> RoutesSummary:
-        return cls(
-            frozenset(c for r in routes for c in r.clusters),
-            any(r.fault is not None for r in routes),
-            any(r.cors is not None for r in routes),
-        )
+        clusters: set[str] = set()
+        fault = cors = False
+        seen: set[int] = set()  # the routes of one match list share their action
+        for route in routes:
+            fault = fault or route.fault is not None
+            cors = cors or route.cors is not None
+            action = route.action
+            if id(action) in seen or not isinstance(action, Forward):
+                continue
+            seen.add(id(action))
+            clusters.update(c.cluster for c in action.clusters)
+            clusters.update(m.cluster for m in action.mirrors)
+        return cls(frozenset(clusters), fault, cors)
 
     def __or__(self, other: RoutesSummary) -> RoutesSummary:
         return RoutesSummary(self.clusters | other.clusters, self.fault or other.fault, self.cors or other.cors)

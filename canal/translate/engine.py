@@ -5,7 +5,8 @@ changed:
 
   InternalGateway + Gateway          -> scope (servers, domain) and addressing (DNS answers, redirect targets)
   VirtualService x scope + Services  -> Contribution (routes per (port, host), TCP routes, migrated Services)
-  Contributions sharing a (port, host) -> one virtual host     (routes merged oldest first; duplicate domains dropped)
+  Contributions sharing a (port, host) -> one virtual host     (routes merged oldest first; a contested name
+                                                               goes to the oldest host)
   Contributions sharing a TCP port   -> one TCP listener       (the oldest wins; the others are rejected)
   per Service                        -> migrated or not        (every port must be served, or nothing moves)
   referenced clusters                -> Cluster (DestinationRule) and ClusterLoadAssignment (EndpointSlices, Pods)
@@ -28,7 +29,6 @@ from itertools import chain
 from typing import Any
 
 from canal.desired import (
-    EMPTY,
     Backend,
     ClusterLoadAssignment,
     Condition,
@@ -55,7 +55,7 @@ from canal.snapshot import Change, Parsed, Snapshot
 from canal.translate.clusters import build_cluster, select_endpoints
 from canal.translate.compile import binds, compile_default, compile_virtual_service, gateway_names
 from canal.translate.context import Contribution, GatewayScope, RoutesSummary, TcpPart
-from canal.translate.names import literal_domains, service_domains, split_service_fqdn
+from canal.translate.names import contestable, literal_domains, service_domains, split_service_fqdn
 
 SvcKey = tuple[str, str]  # (namespace, name)
 ContribKey = tuple[str, ObjectRef]  # (InternalGateway key, source)
@@ -141,6 +141,7 @@ class _Candidate:
     rank: tuple[Any, ...]  # who keeps a domain two hosts claim: the oldest source, then the host name
     service: bool  # the host is a Service (losing a name then stops its migration)
     summary: RoutesSummary
+    contested: tuple[str, ...]  # the domains whose ownership is tracked (see names.contestable)
 
 
 @dataclass(slots=True)
@@ -734,7 +735,10 @@ class Translator:
             else:
                 routes = tuple(chain.from_iterable(p.routes for p in parts))
                 summary = reduce(operator.or_, (p.summary for p in parts))
-            candidate = _Candidate(routes, domains, (contribs[0].order, vkey), service is not None, summary)
+            is_service = service is not None
+            candidate = _Candidate(
+                routes, domains, (contribs[0].order, vkey), is_service, summary, contestable(domains, is_service)
+            )
         old = state.candidates.get(group_key)
         if candidate == old:
             return
@@ -742,8 +746,8 @@ class Translator:
             dirty.migration[key].add(vkey)
             if vkey == "*":
                 dirty.migration[key].update(state.wildcard_members)
-        old_domains = set(old.domains) if old else frozenset()
-        new_domains = set(candidate.domains) if candidate else frozenset()
+        old_domains = set(old.contested) if old else frozenset()
+        new_domains = set(candidate.contested) if candidate else frozenset()
         affected = {vkey}
         if old is not None and candidate is not None and old.rank != candidate.rank:
             for domain in new_domains:  # a change of age can change who keeps a shared name
@@ -783,19 +787,21 @@ class Translator:
         had_caveat = state.domain_caveats.pop(group_key, None)
         lost: tuple[str, ...] = ()
         if candidate is not None:
-            domains, shared, winners = [], [], set()
+            taken, winners = set(), set()
             owners_of = state.domain_owners
-            for d in candidate.domains:
+            for d in candidate.contested:
                 owners = owners_of[(port, d)]
                 if len(owners) == 1:
-                    domains.append(d)
                     continue
                 winner = min(owners, key=lambda v: state.candidates[(port, v)].rank)
-                if winner == vkey:
-                    domains.append(d)
-                else:
-                    shared.append(d)
+                if winner != vkey:
+                    taken.add(d)
                     winners.add(winner)
+            domains = candidate.domains
+            shared = []
+            if taken:
+                domains = tuple(d for d in candidate.domains if d not in taken)
+                shared = [d for d in candidate.domains if d in taken]
             if shared:
                 lost = (", ".join(shared), ", ".join(sorted(winners)))
                 if not candidate.service:
@@ -805,7 +811,7 @@ class Translator:
                         f"host(s) {lost[0]} of {vkey} belong to the older {lost[1]} and are not routed here",
                     )
             if domains:
-                vhost = VirtualHost(f"{vkey}:{port}", tuple(domains), candidate.routes)
+                vhost = VirtualHost(f"{vkey}:{port}", domains, candidate.routes)
         if had_caveat != state.domain_caveats.get(group_key):
             dirty.gateways.add(key)
         if lost != state.lost_domains.get(group_key, ()):
@@ -1265,4 +1271,4 @@ def _accepted(rejections: list[Rejection], bound: bool) -> Condition:
     return Condition("Accepted", "False", "PartiallyInvalid" if bound else "Invalid", message)
 
 
-__all__ = ["EMPTY", "Translator", "translate"]
+__all__ = ["Translator", "snapshot_items", "translate"]

@@ -56,6 +56,16 @@ def service_domains(service: Service, domain: str, port: int) -> tuple[str, ...]
     return tuple(out)
 
 
+def contestable(domains: tuple[str, ...], is_service: bool) -> tuple[str, ...]:
+    """The domains another host could also claim on the same port.
+
+    A Service's qualified names (`svc.ns`, ...) are unique to it; only its short name and its IP forms can
+    collide (with a namesake elsewhere, or a literal IP host). service_domains() puts the short name first
+    and the IPs last. Any other host's names are all contestable.
+    """
+    return domains[:2] + domains[8:] if is_service else domains
+
+
 def literal_domains(host: str, port: int) -> tuple[str, ...]:
     if host == "*":
         return ("*",)

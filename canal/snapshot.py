@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from canal.heap import paused_gc
 from canal.model.base import Caveat, FieldError, Issues, ObjectRef, Rejection
 from canal.model.internal_gateway import GROUP as CANAL_GROUP
 from canal.model.internal_gateway import parse_internal_gateway
@@ -164,6 +165,11 @@ class Snapshot:
     @classmethod
     def from_dicts(cls, raws: Iterable[Any]) -> Snapshot:
         """Build from documents (e.g. YAML files); a second definition of the same object is a rejection."""
+        with paused_gc():
+            return cls._from_dicts(raws)
+
+    @classmethod
+    def _from_dicts(cls, raws: Iterable[Any]) -> Snapshot:
         parsed: list[Parsed] = []
         seen: set[ObjectRef] = set()
         duplicates: dict[ObjectRef, Problems] = {}

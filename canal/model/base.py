@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 INT32_MAX = 2**31 - 1
 _INTEGER = re.compile(r"[-+]?\d+")
+API_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 UINT32_MAX = 2**32 - 1
 
 
@@ -299,6 +300,8 @@ def _timestamp(node: Node, key: str) -> str:
     value = node.raw(key)
     if value is None:
         return ""
+    if isinstance(value, str) and API_TIMESTAMP.fullmatch(value):
+        return value[:-1] + ".000000Z"  # the API server's own format: already UTC, whole seconds
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value.strip())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -107,6 +108,13 @@ def check_regex(pattern: str, path: str) -> str:
 
 
 def check_ip(text: str, path: str) -> str:
+    """Validate an address; returns its canonical text (IPv6 compressed)."""
+    if isinstance(text, str) and text.count(".") == 3:
+        try:  # the common case, in C; like ipaddress, glibc rejects leading zeros
+            socket.inet_pton(socket.AF_INET, text)
+            return text
+        except OSError:
+            pass
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:

@@ -18,11 +18,9 @@ property of the dependency tracking alone (tested with hypothesis).
 
 from __future__ import annotations
 
-import gc
 import operator
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache, reduce
 from itertools import chain
@@ -46,6 +44,7 @@ from canal.desired import (
     VirtualHost,
     frozen_map,
 )
+from canal.heap import paused_gc
 from canal.model.base import Caveat, ObjectRef, Rejection
 from canal.model.internal_gateway import InternalGateway
 from canal.model.istio import DestinationRule, Gateway, VirtualService, listener_kind
@@ -68,29 +67,6 @@ def translate(snapshot: Snapshot) -> DesiredState:
 
 
 _STATUS_KINDS = frozenset({"VirtualService", "InternalGateway"})
-
-
-_FREEZE_AFTER = 100_000  # objects allocated by one batch
-
-
-@contextmanager
-def _paused_gc() -> Iterator[None]:
-    """Keep the cyclic collector off the translator's data.
-
-    A full build allocates millions of small, acyclic, long-lived objects; walking them repeatedly doubled the
-    build time. The collector is paused during a batch, and after a large batch everything alive is moved to
-    the permanent generation (gc.freeze), or the first collection afterwards would walk it all anyway.
-    Reference counting still frees these objects when they are replaced.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if gc.get_count()[0] > _FREEZE_AFTER:
-            gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 def snapshot_items(snapshot: Snapshot) -> list[Parsed]:
@@ -272,7 +248,7 @@ class Translator:
 
     def apply(self, items: Iterable[Parsed | ObjectRef]) -> DesiredState:
         """Upsert parsed objects, delete refs; returns the new desired state."""
-        with _paused_gc():
+        with paused_gc():
             self.snapshot, changes = self.snapshot.apply(items)
             return self._process(changes)
 
@@ -280,7 +256,7 @@ class Translator:
         """Translate a whole snapshot into an empty Translator (a full build, without copying the snapshot)."""
         if self.snapshot.objects or self.snapshot.problems:
             raise ValueError("load() needs an empty Translator; use apply() for changes")
-        with _paused_gc():
+        with paused_gc():
             self.snapshot = snapshot
             # Pods are read directly (gateway views, subset endpoints); with no earlier state, a Pod change has
             # nothing to invalidate, so a full build skips indexing tens of thousands of them.

@@ -307,10 +307,8 @@ class ObjectStatus:
     rejections: tuple[Rejection, ...] = ()
     caveats: tuple[Caveat, ...] = ()
     bound: frozenset[str] = frozenset()  # VirtualService: InternalGateways; InternalGateway: VirtualServices
-
-    @property
-    def rejected(self) -> bool:
-        return bool(self.rejections)
+    # InternalGateway: the VirtualServices naming its Gateway that have problems (details in their own status)
+    rejected: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

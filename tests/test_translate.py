@@ -384,6 +384,7 @@ def test_a_short_name_claimed_twice_on_one_port_goes_to_the_older_service_only()
     assert "name(s) web, web:80 belong to web.a.svc.cluster.local (older)" in reason
     assert rejections_of(state, vs_ref("web", "a")) == []
 
+
 def test_namespace_selector_default_routes_and_explicit_virtual_service_wins():
     objs = [
         *base(namespaceSelector={"matchLabels": {"canal.io/migrate": "true"}}),
@@ -560,6 +561,9 @@ def test_a_broken_virtual_service_does_not_affect_the_others():
     objs = [*base(), *app("web"), *app("api", ips=("10.244.4.4",))]
     objs.append(virtual_service("web", http=[{"route": [route("web")]}]))
     objs.append(virtual_service("api", http=[{"match": [{"uri": {"regex": "(?!x)"}}], "route": [route("api")]}]))
+    unparsable = virtual_service("typo", http=[{"route": [route("web")]}])
+    unparsable["spec"]["hosts"] = "web"  # not a list: rejected while parsing, before any binding
+    objs.append(unparsable)
     state = run(objs)
     assert list(vhosts(state)) == ["web.default.svc.cluster.local"]
     assert state.status[vs_ref("web")].bound == {IG}
@@ -567,4 +571,5 @@ def test_a_broken_virtual_service_does_not_affect_the_others():
     assert not api.bound and api.conditions[0].status == "False"
     ig_status = state.status[ObjectRef("InternalGateway", "istio-system", "canal")]
     assert ig_status.bound == {"default/web"}
-    assert any(r.ref == vs_ref("api") for r in ig_status.rejections)
+    # the gateway names which of its VirtualServices are rejected; the reasons live in their own status
+    assert ig_status.rejected == {"default/api", "default/typo"} and ig_status.rejections == ()

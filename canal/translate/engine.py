@@ -171,6 +171,8 @@ class _GatewayState:
     default_caveats: dict[ObjectRef, tuple[Caveat, ...]] = field(default_factory=dict)
     unmigrated_defaults: dict[str, Caveat] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)  # migrated here, but DNS belongs to an older gateway
+    rejected_frozen: frozenset[str] | None = None
+    caveats_sorted: tuple[Caveat, ...] | None = None  # reset wherever a caveat source changes
 
 
 class _Dirty:
@@ -416,6 +418,7 @@ class Translator:
                 continue
             assert state is not None and old is not None
             state.view = new
+            state.caveats_sorted = None
             if old.addressing != new.addressing:
                 dirty.names.update(state.migrated)
             for ns in old.namespaces ^ new.namespaces:
@@ -657,6 +660,7 @@ class Translator:
         if ref.kind == "VirtualService":
             dirty.outcomes[ig_key].add(ref)
         elif (new.caveats if new is not None else ()) != state.default_caveats.get(ref, ()):
+            state.caveats_sorted = None
             if new is not None and new.caveats:
                 state.default_caveats[ref] = new.caveats
             else:
@@ -789,6 +793,7 @@ class Translator:
             if domains:
                 vhost = VirtualHost(f"{vkey}:{port}", domains, candidate.routes)
         if had_caveat != state.domain_caveats.get(group_key):
+            state.caveats_sorted = None
             dirty.gateways.add(key)
         if lost != state.lost_domains.get(group_key, ()):
             if lost:
@@ -848,6 +853,7 @@ class Translator:
             dirty.outcomes[key].add(ref)
         _store(state.conflicts, group, conflicts)
         if default_conflicts != state.default_conflicts.get(group, {}):
+            state.caveats_sorted = None
             dirty.gateways.add(key)
         _store(state.default_conflicts, group, default_conflicts)
         dirty.migration[key].update(touched)
@@ -898,12 +904,16 @@ class Translator:
                 state.unmigrated[fqdn] = problem
             else:
                 state.unmigrated.pop(fqdn, None)
+        before = state.unmigrated_defaults.get(fqdn)
         if problem and sources and not sources[0].explicit:
             state.unmigrated_defaults[fqdn] = Caveat(
                 sources[0].ref, "", f"not migrated by namespaceSelector: {problem}"
             )
         else:
             state.unmigrated_defaults.pop(fqdn, None)
+        if before != state.unmigrated_defaults.get(fqdn):
+            state.caveats_sorted = None
+            dirty.gateways.add(key)
         if was is not state.migrated.get(fqdn) or old_problem != state.unmigrated.get(fqdn):
             dirty.names.add(fqdn)
             dirty.outcomes[key].update(r for r in state.migrate_members.get(fqdn, ()) if r.kind == "VirtualService")
@@ -1015,8 +1025,9 @@ class Translator:
                 self._name_owner[fqdn] = owner[1]
             for key, state in self._states.items():
                 lost = fqdn in state.migrated and owner is not None and owner[1] != key
-                if lost != (fqdn in state.lost):
+                if lost != (fqdn in state.lost) or (lost and old_owner != owner[1]):
                     (state.lost.add if lost else state.lost.discard)(fqdn)
+                    state.caveats_sorted = None
                     dirty.gateways.add(key)
             if old_owner != (owner[1] if owner else None):
                 dirty.gateways.update(k for k in (old_owner, owner[1] if owner else None) if k in self._states)
@@ -1101,6 +1112,8 @@ class Translator:
             changed = True
         found = outcome.rejections if outcome is not None else ()
         if found != state.ref_rejections.get(ref, ()):
+            if bool(found) != (ref in state.ref_rejections):
+                state.rejected_frozen = None
             if found:
                 state.ref_rejections[ref] = found
             else:
@@ -1152,36 +1165,21 @@ class Translator:
         if view is None or state is None:
             return ObjectStatus(ref, generation, (_accepted(rejections, False),), _sorted(rejections), _sorted(caveats))
         own = list(view.rejections)
-        caveats.extend(view.caveats)
         conditions = [_accepted(own + rejections, view.scope is not None)]
         if view.addressing is not None:
             conditions.extend(view.addressing.conditions)
-            caveats.extend(view.addressing.caveats)
         if state.bound_frozen is None:
             state.bound_frozen = frozenset(state.bound)
-        for found in state.ref_rejections.values():
-            rejections.extend(found)
+        if state.rejected_frozen is None:
+            state.rejected_frozen = frozenset(f"{r.namespace}/{r.name}" for r in state.ref_rejections)
+        rejected = state.rejected_frozen
         if view.scope is not None:
             gw = (view.scope.gateway.namespace, view.scope.gateway.name)
-            for vs_ref in self._rejected_vs_by_gateway.get(gw, ()):
-                problems = self.snapshot.problems.get(vs_ref)
-                if problems is not None:
-                    rejections.extend(problems.rejections)
-        caveats.extend(state.domain_caveats.values())
-        for group in state.default_conflicts.values():
-            caveats.extend(group.values())
-        for found_caveats in state.default_caveats.values():
-            caveats.extend(found_caveats)
-        caveats.extend(state.unmigrated_defaults.values())
-        for fqdn in state.lost:
-            caveats.append(
-                Caveat(
-                    ref,
-                    "",
-                    f"{fqdn} is routed here, but DNS and redirects belong to the older InternalGateway "
-                    f"{self._name_owner.get(fqdn)}",
-                )
-            )
+            unparsed = {f"{r.namespace}/{r.name}" for r in self._rejected_vs_by_gateway.get(gw, ())}
+            if unparsed:
+                rejected = rejected | unparsed
+        if state.caveats_sorted is None:
+            state.caveats_sorted = self._gateway_caveats(ref, view, state)
         migrated = len(state.migrated) - len(state.lost)
         conditions.append(
             Condition(
@@ -1196,9 +1194,32 @@ class Translator:
             generation,
             tuple(conditions),
             _sorted(own + rejections),
-            _sorted(caveats),
+            _sorted([*caveats, *state.caveats_sorted]),
             state.bound_frozen,
+            rejected,
         )
+
+    def _gateway_caveats(self, ref: ObjectRef, view: GatewayView, state: _GatewayState) -> tuple[Caveat, ...]:
+        """Everything worth telling about a gateway that changes nothing; sorted once per change, not per status."""
+        caveats = list(view.caveats)
+        if view.addressing is not None:
+            caveats.extend(view.addressing.caveats)
+        caveats.extend(state.domain_caveats.values())
+        for group in state.default_conflicts.values():
+            caveats.extend(group.values())
+        for found in state.default_caveats.values():
+            caveats.extend(found)
+        caveats.extend(state.unmigrated_defaults.values())
+        for fqdn in state.lost:
+            caveats.append(
+                Caveat(
+                    ref,
+                    "",
+                    f"{fqdn} is routed here, but DNS and redirects belong to the older InternalGateway "
+                    f"{self._name_owner.get(fqdn)}",
+                )
+            )
+        return _sorted(caveats)
 
     # =================================================================================== publish
 

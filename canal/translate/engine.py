@@ -146,6 +146,7 @@ class _GatewayState:
     wildcard_members: dict[str, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
     candidates: dict[tuple[int, str], _Candidate] = field(default_factory=dict)
     domain_owners: dict[tuple[int, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    domain_winner: dict[tuple[int, str], str] = field(default_factory=dict)  # the oldest claimant keeps it
     vhosts: dict[int, Table] = field(default_factory=lambda: defaultdict(Table))  # port -> vkey -> VirtualHost
     filters: dict[int, dict[str, tuple[bool, bool]]] = field(default_factory=lambda: defaultdict(dict))
     domain_caveats: dict[tuple[int, str], Caveat] = field(default_factory=dict)
@@ -171,6 +172,7 @@ class _GatewayState:
     default_caveats: dict[ObjectRef, tuple[Caveat, ...]] = field(default_factory=dict)
     unmigrated_defaults: dict[str, Caveat] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)  # migrated here, but DNS belongs to an older gateway
+    rejected: set[str] = field(default_factory=set)  # VirtualServices with problems on this gateway
     rejected_frozen: frozenset[str] | None = None
     caveats_sorted: tuple[Caveat, ...] | None = None  # reset wherever a caveat source changes
 
@@ -728,24 +730,31 @@ class Translator:
                 dirty.migration[key].update(state.wildcard_members)
         old_domains = set(old.contested) if old else frozenset()
         new_domains = set(candidate.contested) if candidate else frozenset()
-        affected = {vkey}
-        if old is not None and candidate is not None and old.rank != candidate.rank:
-            for domain in new_domains:  # a change of age can change who keeps a shared name
-                affected |= state.domain_owners.get((port, domain), set())
         for domain in old_domains - new_domains:
             owners = state.domain_owners[(port, domain)]
             owners.discard(vkey)
-            affected |= owners
             if not owners:
                 del state.domain_owners[(port, domain)]
         for domain in new_domains - old_domains:
-            owners = state.domain_owners[(port, domain)]
-            affected |= owners
-            owners.add(vkey)
+            state.domain_owners[(port, domain)].add(vkey)
         if candidate is None:
             del state.candidates[group_key]
         else:
             state.candidates[group_key] = candidate
+        # Who keeps each shared name: recomputed once per name whose claimants (or their ages) changed.
+        rank_changed = old is not None and candidate is not None and old.rank != candidate.rank
+        touched = (old_domains | new_domains) if rank_changed else (old_domains ^ new_domains)
+        affected = {vkey}
+        for domain in touched:
+            owners = state.domain_owners.get((port, domain))
+            before = state.domain_winner.get((port, domain))
+            if not owners:
+                state.domain_winner.pop((port, domain), None)
+                continue
+            winner = min(owners, key=lambda v: state.candidates[(port, v)].rank)
+            if winner != before:
+                state.domain_winner[(port, domain)] = winner
+                affected |= owners  # every claimant's share (and the owner its losers name) changes
         if group_key not in state.vhost_members:
             ports = state.vkey_ports.get(vkey)
             if ports is not None:
@@ -768,12 +777,9 @@ class Translator:
         lost: tuple[str, ...] = ()
         if candidate is not None:
             taken, winners = set(), set()
-            owners_of = state.domain_owners
+            winner_of = state.domain_winner
             for d in candidate.contested:
-                owners = owners_of[(port, d)]
-                if len(owners) == 1:
-                    continue
-                winner = min(owners, key=lambda v: state.candidates[(port, v)].rank)
+                winner = winner_of[(port, d)]
                 if winner != vkey:
                     taken.add(d)
                     winners.add(winner)
@@ -1113,6 +1119,7 @@ class Translator:
         found = outcome.rejections if outcome is not None else ()
         if found != state.ref_rejections.get(ref, ()):
             if bool(found) != (ref in state.ref_rejections):
+                (state.rejected.add if found else state.rejected.discard)(name)
                 state.rejected_frozen = None
             if found:
                 state.ref_rejections[ref] = found
@@ -1171,7 +1178,7 @@ class Translator:
         if state.bound_frozen is None:
             state.bound_frozen = frozenset(state.bound)
         if state.rejected_frozen is None:
-            state.rejected_frozen = frozenset(f"{r.namespace}/{r.name}" for r in state.ref_rejections)
+            state.rejected_frozen = frozenset(state.rejected)
         rejected = state.rejected_frozen
         if view.scope is not None:
             gw = (view.scope.gateway.namespace, view.scope.gateway.name)

@@ -751,7 +751,10 @@ class Translator:
             if not owners:
                 state.domain_winner.pop((port, domain), None)
                 continue
-            winner = min(owners, key=lambda v: state.candidates[(port, v)].rank)
+            if len(owners) == 1:
+                (winner,) = owners
+            else:
+                winner = min(owners, key=lambda v: state.candidates[(port, v)].rank)
             if winner != before:
                 state.domain_winner[(port, domain)] = winner
                 affected |= owners  # every claimant's share (and the owner its losers name) changes
@@ -1151,10 +1154,10 @@ class Translator:
             return ObjectStatus(
                 ref,
                 generation,
-                (_accepted(rejections, bool(bound)),),
+                (_accepted(rejections, bool(bound)),) if rejections else _ACCEPTED,
                 _sorted(rejections),
                 _sorted(caveats),
-                frozenset(bound),
+                _interned_set(bound),
             )
         if ref.kind == "InternalGateway":
             return self._gateway_status(ref, generation, rejections, caveats)
@@ -1268,9 +1271,22 @@ def _sorted(items: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(sorted(set(items), key=_problem_key))
 
 
+@lru_cache(maxsize=256)
+def _frozen(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(names)
+
+
+def _interned_set(names: set[str]) -> frozenset[str]:
+    """Most VirtualServices are bound to the same one or two gateways: share those sets."""
+    return _frozen(tuple(sorted(names))) if len(names) <= 2 else frozenset(names)
+
+
+_ACCEPTED = (Condition("Accepted", "True", "Accepted"),)
+
+
 def _accepted(rejections: list[Rejection], bound: bool) -> Condition:
     if not rejections:
-        return Condition("Accepted", "True", "Accepted")
+        return _ACCEPTED[0]
     message = "; ".join(f"{r.field}: {r.reason}" for r in _sorted(rejections)[:5])
     return Condition("Accepted", "False", "PartiallyInvalid" if bound else "Invalid", message)
 

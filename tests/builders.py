@@ -8,6 +8,14 @@ from typing import Any
 ISTIO = "networking.istio.io/v1"
 
 
+def _meta(name: str, ns: str, created: str) -> dict[str, Any]:
+    """metadata, with creationTimestamp only when given (objects without one sort oldest)."""
+    meta: dict[str, Any] = {"name": name, "namespace": ns}
+    if created:
+        meta["creationTimestamp"] = created
+    return meta
+
+
 def namespace(name: str, **labels: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
 
@@ -38,9 +46,7 @@ def service(
         body["clusterIP"] = ip[0]
     elif ip is not None:
         body["clusterIP"] = ip
-    meta: dict[str, Any] = {"name": name, "namespace": ns}
-    if created:
-        meta["creationTimestamp"] = created
+    meta = _meta(name, ns, created)
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": body}
 
 
@@ -127,9 +133,7 @@ def internal_gateway(
         body["address"] = {"serviceRef": {"name": service_ref}}
     else:
         body["address"] = {"ips": ips or ["10.96.0.50"]}
-    meta: dict[str, Any] = {"name": name, "namespace": ns}
-    if created:
-        meta["creationTimestamp"] = created
+    meta = _meta(name, ns, created)
     return {"apiVersion": "canal.io/v1alpha1", "kind": "InternalGateway", "metadata": meta, "spec": body}
 
 
@@ -147,9 +151,7 @@ def virtual_service(
         spec["http"] = http
     if tcp is not None:
         spec["tcp"] = tcp
-    meta: dict[str, Any] = {"name": name, "namespace": ns}
-    if created:
-        meta["creationTimestamp"] = created
+    meta = _meta(name, ns, created)
     return {"apiVersion": ISTIO, "kind": "VirtualService", "metadata": meta, "spec": spec}
 
 
@@ -171,9 +173,7 @@ def destination_rule(name: str, host: str, ns: str = "default", subsets=None, po
         spec["subsets"] = subsets
     if policy is not None:
         spec["trafficPolicy"] = policy
-    meta: dict[str, Any] = {"name": name, "namespace": ns}
-    if created:
-        meta["creationTimestamp"] = created
+    meta = _meta(name, ns, created)
     return {"apiVersion": ISTIO, "kind": "DestinationRule", "metadata": meta, "spec": spec}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from canal.model.base import INT32_MAX, UINT32_MAX, FieldError, Issues, Meta, Node, ObjectRef, parse_meta
@@ -1186,7 +1186,6 @@ __all__ = [
     "TrafficPolicy",
     "VirtualService",
     "WeightedDestination",
-    "field",
     "listener_kind",
     "parse_destination_rule",
     "parse_gateway",

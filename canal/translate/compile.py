@@ -18,7 +18,7 @@ from canal.desired import (
     RouteMatch,
     TcpProxy,
 )
-from canal.model.base import Caveat, FieldError, ObjectRef, Rejection
+from canal.model.base import Caveat, FieldError, Rejection
 from canal.model.istio import (
     MESH_GATEWAY,
     Destination,
@@ -31,7 +31,6 @@ from canal.model.istio import (
     StringMatch,
     TcpRoute,
     VirtualService,
-    WeightedDestination,
 )
 from canal.model.kube import OPAQUE_APP_PROTOCOLS, Service
 from canal.model.values import check_regex
@@ -553,8 +552,6 @@ def compile_default(service: Service, scope: GatewayScope) -> Contribution:
 
 __all__ = [
     "DEFAULT_RETRY",
-    "ObjectRef",
-    "WeightedDestination",
     "binds",
     "compile_default",
     "compile_virtual_service",

@@ -16,6 +16,7 @@ from typing import Any
 from canal.model.base import INT32_MAX, UINT32_MAX, FieldError, Issues, Meta, Node, ObjectRef, parse_meta
 from canal.model.values import (
     check_dns_subdomain,
+    check_header_format,
     check_header_name,
     check_header_value,
     check_labels,
@@ -149,7 +150,7 @@ def _parse_header_ops(node: Node | None, *, request: bool) -> tuple[HeaderOps, s
                 raise FieldError(
                     path, "pseudo-headers and Host cannot be set or added (use rewrite.uri or rewrite.authority)"
                 )
-            pairs.append((check_header_name(name, path), check_header_value(value, path)))
+            pairs.append((check_header_name(name, path), check_header_format(value, path)))
         out[op] = tuple(pairs)
     removes = []
     for path, name in node.items("remove"):
@@ -482,6 +483,8 @@ def _parse_http_match(node: Node) -> HttpMatch:
             raise node.fail("queryParams", "must be a mapping of parameter name to match")
         for name, spec in sorted(raw_query.items(), key=lambda kv: str(kv[0])):
             path = f"{node.at('queryParams')}.{name}"
+            if not str(name):
+                raise FieldError(node.at("queryParams"), "query parameter names must not be empty")
             query.append((str(name), parse_string_match(Node(spec or {}, path, node.issues), allow_empty=True)))
     match = HttpMatch(
         path=node.path,

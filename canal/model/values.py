@@ -29,7 +29,9 @@ _DURATION_UNITS_NS = {
     "h": 3_600_000_000_000,
 }
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_MAX_DURATION_MS = 315_576_000_000_000  # protobuf Duration limit: 10,000 years
+# Envoy converts durations to int64 nanoseconds and refuses 9223372036 s and up (about 292 years), well inside
+# protobuf's own 10,000-year limit.
+_MAX_DURATION_MS = 9_223_372_035_999
 
 
 def parse_duration_ms(text: str, path: str, *, minimum_ms: int = 1) -> int:
@@ -60,7 +62,7 @@ def parse_duration_ms(text: str, path: str, *, minimum_ms: int = 1) -> int:
     if ms < minimum_ms:
         raise FieldError(path, f"must be at least {minimum_ms}ms, got {text!r}")
     if ms > _MAX_DURATION_MS:
-        raise FieldError(path, f"is out of range: {text!r}")
+        raise FieldError(path, f"is out of range (Envoy's limit is just under 292 years): {text!r}")
     return ms
 
 
@@ -149,9 +151,87 @@ def check_header_name(name: str, path: str, *, allow_pseudo: bool = False) -> st
     return name.lower()
 
 
+# Envoy's HeaderValue.value limit (proto validation); a longer value NACKs the whole route configuration.
+MAX_HEADER_VALUE_BYTES = 16384
+
+
 def check_header_value(value: str, path: str) -> str:
     if any(c in value for c in "\r\n\x00"):
         raise FieldError(path, "header values must not contain CR, LF or NUL")
+    if len(value.encode()) > MAX_HEADER_VALUE_BYTES:
+        raise FieldError(path, f"header values are limited to {MAX_HEADER_VALUE_BYTES} bytes")
+    return value
+
+
+# Envoy expands headers_to_add values with its access-log formatter, as Istio passes them through: "%%" is a
+# literal percent sign and "%COMMAND%" or "%COMMAND(arg)%" is substituted. Envoy NACKs the whole route
+# configuration for a lone "%" or an unknown command, so they are rejected here, per object. The list is the
+# commonly used subset of Envoy's commands; tests/test_xds_resources.py has the real Envoy accept every entry.
+# Commands that need an argument map to True.
+ENVOY_FORMAT_COMMANDS: dict[str, bool] = {
+    **dict.fromkeys(("REQ", "RESP", "TRAILER", "DYNAMIC_METADATA", "CLUSTER_METADATA"), True),
+    **dict.fromkeys(("UPSTREAM_METADATA", "FILTER_STATE", "UPSTREAM_FILTER_STATE", "ENVIRONMENT"), True),
+    **dict.fromkeys(
+        (
+            "START_TIME",
+            "PROTOCOL",
+            "UPSTREAM_PROTOCOL",
+            "HOSTNAME",
+            "REQUESTED_SERVER_NAME",
+            "ROUTE_NAME",
+            "UPSTREAM_HOST",
+            "UPSTREAM_CLUSTER",
+            "UPSTREAM_LOCAL_ADDRESS",
+            "UPSTREAM_REMOTE_ADDRESS",
+            "UPSTREAM_TRANSPORT_FAILURE_REASON",
+            "DOWNSTREAM_REMOTE_ADDRESS",
+            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT",
+            "DOWNSTREAM_REMOTE_PORT",
+            "DOWNSTREAM_DIRECT_REMOTE_ADDRESS",
+            "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT",
+            "DOWNSTREAM_LOCAL_ADDRESS",
+            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT",
+            "DOWNSTREAM_LOCAL_PORT",
+            "DOWNSTREAM_PEER_URI_SAN",
+            "DOWNSTREAM_LOCAL_URI_SAN",
+            "DOWNSTREAM_PEER_SUBJECT",
+            "DOWNSTREAM_TLS_VERSION",
+            "CONNECTION_ID",
+            "STREAM_ID",
+            "RESPONSE_CODE",
+            "RESPONSE_CODE_DETAILS",
+            "RESPONSE_FLAGS",
+            "BYTES_RECEIVED",
+            "BYTES_SENT",
+            "DURATION",
+            "REQUEST_DURATION",
+            "RESPONSE_DURATION",
+        ),
+        False,
+    ),
+}
+_FORMAT_COMMAND = re.compile(r"%([A-Z][A-Z0-9_]*)(?:\(([^)]*)\))?(?::(\d+))?%")
+
+
+def check_header_format(value: str, path: str) -> str:
+    """A header value Envoy will expand: plain text, "%%", or a known "%COMMAND(arg)%"."""
+    check_header_value(value, path)
+    pos = value.find("%")
+    while pos != -1:
+        if value.startswith("%%", pos):
+            pos = value.find("%", pos + 2)
+            continue
+        command = _FORMAT_COMMAND.match(value, pos)
+        if command is None:
+            raise FieldError(
+                path, f"'%' at offset {pos} starts an Envoy format command; write '%%' for a literal percent sign"
+            )
+        name, argument = command.group(1), command.group(2)
+        if name not in ENVOY_FORMAT_COMMANDS:
+            raise FieldError(path, f"%{name}% is not an Envoy format command Canal supports")
+        if ENVOY_FORMAT_COMMANDS[name] and not argument:
+            raise FieldError(path, f"%{name}(...)% needs an argument")
+        pos = value.find("%", command.end())
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -16,6 +17,8 @@ from canal.files import LoadError, load_documents
 from canal.serialize import SECTIONS, render_state
 from canal.snapshot import Snapshot, parse_object
 from canal.translate import translate
+from canal.xds.bootstrap import bootstrap as envoy_bootstrap
+from canal.xds.bootstrap import split_address
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 
@@ -113,6 +116,95 @@ def validate(paths: tuple[str, ...], warnings: bool) -> None:
         err=True,
     )
     sys.exit(EXIT_REJECTED if rejections else EXIT_OK)
+
+
+def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        split_address(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    return value
+
+
+@cli.command()
+@_FILES
+@click.option(
+    "--xds-address",
+    default="0.0.0.0:18000",
+    show_default=True,
+    callback=_address,
+    help="Where the gateway Envoys and node agents connect (gRPC, ADS).",
+)
+@click.option(
+    "--metrics-address",
+    default="127.0.0.1:15014",
+    show_default=True,
+    callback=_address,
+    help="HTTP /metrics, /ready, /healthz and /status.",
+)
+@click.option(
+    "--quiet-period",
+    type=click.FloatRange(0, 10),
+    default=0.1,
+    show_default=True,
+    help="Seconds of quiet before a change is pushed; bursts are pushed once.",
+)
+@click.option(
+    "--max-delay",
+    type=click.FloatRange(0, 60),
+    default=1.0,
+    show_default=True,
+    help="Longest a change waits for a burst to end.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(0.05, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds between checks of the files for changes.",
+)
+def run(
+    paths: tuple[str, ...], xds_address: str, metrics_address: str, quiet_period: float, max_delay: float, poll: float
+) -> None:
+    """Serve the desired state of the objects in PATH over xDS, and follow edits to the files.
+
+    A file-backed control plane: no cluster needed. Point gateway Envoys at it with `canal bootstrap`. A file
+    that stops parsing keeps its last good content. Stops cleanly on SIGTERM or Ctrl-C.
+    """
+    # grpc and the Envoy protos take a noticeable time to import; only the serving commands pay for them
+    from canal.run import RunOptions, serve  # noqa: PLC0415
+
+    if max_delay < quiet_period:
+        raise click.BadParameter("--max-delay must be at least --quiet-period")
+    options = RunOptions(list(paths), xds_address, metrics_address, quiet_period, max_delay, poll)
+    try:
+        asyncio.run(serve(options))
+    except OSError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+
+
+@cli.command()
+@click.option("--xds-address", required=True, callback=_address, help="Canal's xDS server, HOST:PORT.")
+@click.option("--node-id", required=True, help="This Envoy's node id (unique per proxy, e.g. the pod name).")
+@click.option(
+    "--group", required=True, metavar="NS/NAME", help="The InternalGateway this Envoy serves (its xDS node group)."
+)
+@click.option(
+    "--admin-port",
+    type=click.IntRange(1, 65535),
+    default=15000,
+    show_default=True,
+    help="Envoy admin interface port, on 127.0.0.1.",
+)
+@click.option("--delta", is_flag=True, help="Use Delta xDS instead of State-of-the-World.")
+def bootstrap(xds_address: str, node_id: str, group: str, admin_port: int, delta: bool) -> None:
+    """Print the Envoy bootstrap (YAML) that connects a gateway Envoy to Canal."""
+    try:
+        config = envoy_bootstrap(xds_address, node_id, group, admin_port=admin_port, delta=delta)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--group") from None
+    click.echo(yaml.safe_dump(config, sort_keys=False), nl=False)
 
 
 def main() -> None:

@@ -92,6 +92,14 @@ def _ref_of(kind: Kind, raw: Mapping[str, Any]) -> ObjectRef:
     )
 
 
+def ref_of(raw: Any) -> ObjectRef | None:
+    """Which object a document is, without parsing it; None for kinds Canal does not read."""
+    if not isinstance(raw, Mapping):
+        return None
+    kind = _kind_of(raw)
+    return _ref_of(kind, raw) if kind is not None else None
+
+
 def parse_object(raw: Any) -> Parsed | None:
     """Parse one dict; None for kinds Canal does not read."""
     if not isinstance(raw, Mapping):

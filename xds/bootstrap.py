@@ -1,0 +1,116 @@
+"""The Envoy bootstrap that connects a gateway Envoy (or a node agent) to Canal's xDS server.
+
+`canal bootstrap` prints it; the Helm chart renders the same. Everything else an Envoy needs comes over ADS.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from canal.xds.types import GROUP_METADATA_KEY, NODE_AGENT_GROUP, NODE_AGENT_ROLE, ROLE_METADATA_KEY
+
+from canal.model.values import MAX_REGEX_PROGRAM_SIZE
+
+XDS_CLUSTER = "canal-xds"
+_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """host:port, [v6]:port -> (host, port); raises ValueError with a readable message."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError(f"port out of range in {address!r}")
+    return host, number
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def bootstrap(
+    xds_address: str,
+    node_id: str,
+    group: str,
+    *,
+    admin_port: int | None = 15000,
+    delta: bool = False,
+) -> dict[str, Any]:
+    """group: "<namespace>/<name>" of the InternalGateway, or NODE_AGENT_GROUP for a node agent."""
+    host, port = split_address(xds_address)
+    if group == NODE_AGENT_GROUP:
+        metadata = {ROLE_METADATA_KEY: NODE_AGENT_ROLE}
+    elif group.count("/") == 1 and all(group.split("/")):
+        metadata = {GROUP_METADATA_KEY: group}
+    else:
+        raise ValueError(f"group must be <namespace>/<name> of an InternalGateway, got {group!r}")
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    config: dict[str, Any] = {
+        "node": {"id": node_id, "cluster": group, "metadata": metadata},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            # Reconnect quickly after a control-plane restart; Envoy keeps serving meanwhile.
+                            "retry_policy": {"retry_back_off": {"base_interval": "0.25s", "max_interval": "5s"}},
+                        }
+                    }
+                ],
+            },
+            "lds_config": ads,
+            "cds_config": ads,
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": XDS_CLUSTER,
+                    "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": XDS_CLUSTER,
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                                ]
+                            }
+                        ],
+                    },
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": _HTTP_OPTIONS,
+                            "explicit_http_config": {
+                                "http2_protocol_options": {
+                                    "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+                                }
+                            },
+                        }
+                    },
+                    "upstream_connection_options": {"tcp_keepalive": {}},
+                }
+            ]
+        },
+        "layered_runtime": {
+            "layers": [
+                # Canal validates route regexes against this limit (Envoy's own default is 100).
+                {"name": "static", "static_layer": {"re2.max_program_size.error_level": MAX_REGEX_PROGRAM_SIZE}},
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
+    }
+    if admin_port is not None:
+        config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
+    return config

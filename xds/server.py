@@ -53,6 +53,7 @@ class _TypeState:
     sent: dict[str, Resource] = field(default_factory=dict)
     sent_version: str = ""
     nacked_version: str = ""
+    nacked_nonce: str = ""  # a later request repeating this nonce is a subscription change, not an ACK
     # Delta bookkeeping
     client: dict[str, str] = field(default_factory=dict)  # name -> version the client holds
     pending: dict[str, dict[str, Resource | None]] = field(default_factory=dict)  # nonce -> changes
@@ -210,9 +211,13 @@ class _SotwStream(_Stream):
             self._resume(request, state)
             return
         if request.HasField("error_detail"):
-            state.nacked_version = state.sent_version
+            state.nacked_version, state.nacked_nonce = state.sent_version, state.nonce
             state.error = request.error_detail.message
             self.server.nacked(self, request.type_url, state.error)
+            return
+        if state.nacked_nonce == state.nonce:
+            # Envoy clears error_detail after sending a NACK once but keeps the nonce: its next request of this
+            # type (a subscription change) still refers to the rejected response and accepts nothing.
             return
         state.acked = state.sent
         state.error = ""
@@ -469,17 +474,18 @@ class XdsServer:
             getter: asyncio.Task | None = None
             while True:
                 if pending is not None:
-                    try:
-                        stream.on_request(pending)
-                    except ProtocolError as err:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-                        return
+                    batch = [pending]  # and everything already received behind it, before answering
+                    while not queue.empty():
+                        batch.append(queue.get_nowait())
                     pending = None
-                    while not queue.empty():  # handle everything already received before answering
-                        nxt = queue.get_nowait()
-                        if nxt is None:
+                    for request in batch:
+                        if request is None:
+                            return  # the client closed its side
+                        try:
+                            stream.on_request(request)
+                        except ProtocolError as err:
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
                             return
-                        stream.on_request(nxt)
                 for response in stream.responses():
                     yield response
                 self._check_converged(stream)

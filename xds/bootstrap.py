@@ -14,6 +14,9 @@ from canal.model.values import MAX_REGEX_PROGRAM_SIZE
 
 XDS_CLUSTER = "canal-xds"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# How often Envoy pings the xDS connection to notice a dead control plane; the server accepts pings down to
+# canal.xds.server.MIN_CLIENT_PING_INTERVAL apart.
+KEEPALIVE_INTERVAL = 30.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -43,6 +46,7 @@ def bootstrap(
     *,
     admin_port: int | None = 15000,
     delta: bool = False,
+    keepalive_interval: float = KEEPALIVE_INTERVAL,
 ) -> dict[str, Any]:
     """group: "<namespace>/<name>" of the InternalGateway, or NODE_AGENT_GROUP for a node agent."""
     host, port = split_address(xds_address)
@@ -94,7 +98,7 @@ def bootstrap(
                             "@type": _HTTP_OPTIONS,
                             "explicit_http_config": {
                                 "http2_protocol_options": {
-                                    "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+                                    "connection_keepalive": {"interval": f"{keepalive_interval:g}s", "timeout": "5s"},
                                 }
                             },
                         }

@@ -12,6 +12,9 @@ class XdsMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._proxies = Gauge("canal_xds_connected_proxies", "Connected xDS clients", ["group"], registry=self.registry)
+        self._streams = Counter(
+            "canal_xds_streams", "xDS streams opened (reconnects show up here)", ["group"], registry=self.registry
+        )
         self._pushes = Counter("canal_xds_pushes", "xDS responses sent", ["group", "type"], registry=self.registry)
         self._bytes = Histogram(
             "canal_xds_push_bytes",
@@ -33,6 +36,9 @@ class XdsMetrics:
 
     def connected(self, group: str, count: int) -> None:
         self._proxies.labels(group).set(count)
+
+    def stream_opened(self, group: str) -> None:
+        self._streams.labels(group).inc()
 
     def pushed(self, group: str, type_name: str, size: int) -> None:
         self._pushes.labels(group, type_name).inc()

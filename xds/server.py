@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,10 @@ from google.protobuf import json_format
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a full sync of thousands of services is tens of MB; 4 MB is gRPC's default
+# Envoy pings its xDS connection every 30 s (the bootstrap's connection_keepalive). gRPC servers by default count a
+# ping that comes sooner than 5 minutes after the last one, with no data in between, as abuse, and after two such
+# strikes end the connection with GOAWAY "too_many_pings": every idle Envoy would lose its stream every ~90 s.
+MIN_CLIENT_PING_INTERVAL = 5.0
 ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, REDIRECT)
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, REDIRECT})
 GATED_TYPES = frozenset({LISTENER, ROUTE})
@@ -400,14 +404,28 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 class XdsServer:
     """Serves a SnapshotCache to Envoys and node agents; tracks what each of them ACKed."""
 
-    def __init__(self, cache: SnapshotCache, metrics: XdsMetrics | None = None) -> None:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        metrics: XdsMetrics | None = None,
+        *,
+        min_client_ping_interval: float = MIN_CLIENT_PING_INTERVAL,
+    ) -> None:
         self.cache = cache
         self.metrics = metrics or XdsMetrics()
+        self.min_client_ping_interval = min_client_ping_interval
         self.streams: dict[str, set[_Stream]] = {}
         self.errors: dict[tuple[str, str, str], str] = {}  # (group, node, type) -> last NACK message
         self._observed: dict[str, int] = {}  # group -> last snapshot serial whose convergence was measured
+        self._convergence_watchers: list[Callable[[str, int, float], None]] = []
         self._server: grpc.aio.Server | None = None
         self.port = 0
+
+    def watch_convergence(self, callback: Callable[[str, int, float], None]) -> None:
+        """Call `callback(group, serial, seconds)` each time every connected proxy of a group ACKs a snapshot.
+
+        What status ("Programmed") and benchmarks wait on; `seconds` runs from the desired-state change."""
+        self._convergence_watchers.append(callback)
 
     async def start(self, address: str) -> int:
         """Listen on host:port (port 0 picks one); returns the bound port."""
@@ -418,6 +436,7 @@ class XdsServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", round(self.min_client_ping_interval * 1000)),
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
@@ -462,6 +481,7 @@ class XdsServer:
             self.streams.setdefault(stream.group, set()).add(stream)
             registered = True
             self.metrics.connected(stream.group, len(self.streams[stream.group]))
+            self.metrics.stream_opened(stream.group)
             log.info(
                 "%s connected: node %s, group %s, %s",
                 stream.peer,
@@ -536,7 +556,10 @@ class XdsServer:
             return
         if all(s.converged_serial == snapshot.serial for s in self.streams.get(stream.group, ())):
             self._observed[stream.group] = snapshot.serial
-            self.metrics.converged(stream.group, time.monotonic() - snapshot.changed_at)
+            seconds = time.monotonic() - snapshot.changed_at
+            self.metrics.converged(stream.group, seconds)
+            for callback in self._convergence_watchers:
+                callback(stream.group, snapshot.serial, seconds)
 
     def status(self) -> dict[str, Any]:
         """For the status endpoint: who is connected, at which versions, and what was rejected."""

@@ -21,7 +21,15 @@ from canal.xds.types import CLUSTER, ENDPOINT, LISTENER, REDIRECT, ROUTE
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from canal.desired import Cluster, ClusterLoadAssignment, EnvoyConfig, Listener, RedirectRule, RouteConfig
+from canal.desired import (
+    Cluster,
+    ClusterLoadAssignment,
+    EnvoyConfig,
+    Listener,
+    RedirectRule,
+    RouteConfig,
+    VirtualHost,
+)
 from canal.serialize import key_text
 
 
@@ -76,9 +84,70 @@ def _listener(value: Listener) -> Resource:
     return _pack(LISTENER, resources.listener(value), value.name, refs)
 
 
-def _route(value: RouteConfig) -> Resource:
-    refs = frozenset(c for vhost in value.virtual_hosts.values() for route in vhost.routes for c in route.clusters)
-    return _pack(ROUTE, resources.route_configuration(value), value.name, refs)
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class _BuiltVirtualHost:
+    source: VirtualHost
+    field: bytes  # the encoded `virtual_hosts` field: tag, length, serialized VirtualHost
+    digest: bytes
+    references: frozenset[str]
+
+
+class _RouteConfigs:
+    """RDS resources assembled from per-virtual-host bytes, so a change re-serializes only the hosts it touched.
+
+    One route configuration holds the virtual hosts of every Service on a port (4,000+ hosts, 6 MB at 5,000
+    Services): building and hashing it whole costs about 0.5 s per change. A serialized message is the concatenation
+    of its encoded fields in field-number order, so the name (field 1), the virtual hosts (field 2, in name order)
+    and the remaining settings (fields > 2) concatenated are byte for byte what SerializeToString(deterministic=True)
+    gives. The version hashes the per-host digests instead of the whole 6 MB: still a pure function of the content.
+    """
+
+    _SETTINGS = resources.route_configuration_settings().SerializeToString(deterministic=True)
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, dict[str, _BuiltVirtualHost]] = {}  # route config -> virtual host name -> built
+
+    def build(self, value: RouteConfig) -> Resource:
+        previous = self._hosts.get(value.name, {})
+        hosts: dict[str, _BuiltVirtualHost] = {}
+        for name, source in value.virtual_hosts.items():
+            built = previous.get(name)
+            if built is None or built.source is not source:
+                body = resources.virtual_host(source).SerializeToString(deterministic=True)
+                references = frozenset(c for route in source.routes for c in route.clusters)
+                built = _BuiltVirtualHost(
+                    source, _length_delimited(2, body), hashlib.blake2b(body, digest_size=16).digest(), references
+                )
+            hosts[name] = built
+        self._hosts[value.name] = hosts
+        ordered = [hosts[name] for name in sorted(hosts)]
+        payload = b"".join([_length_delimited(1, value.name.encode()), *(h.field for h in ordered), self._SETTINGS])
+        digest = hashlib.blake2b(self._SETTINGS, digest_size=10)
+        digest.update(value.name.encode())
+        for host in ordered:
+            digest.update(host.digest)
+        references = frozenset().union(*(h.references for h in ordered))
+        return Resource(
+            value.name, digest.hexdigest(), any_pb2.Any(type_url=ROUTE, value=payload), references, len(payload)
+        )
+
+    def forget(self, names: set[str]) -> None:
+        """Drop the virtual hosts of route configurations that are gone."""
+        for name in set(self._hosts) - names:
+            del self._hosts[name]
 
 
 def _cluster(value: Cluster) -> Resource:
@@ -141,6 +210,7 @@ class SnapshotCache:
     def __init__(self) -> None:
         self._snapshots: dict[str, Snapshot] = {}
         self._tables: dict[str, dict[str, _Table]] = {}
+        self._route_configs: dict[str, _RouteConfigs] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._serial = 0
 
@@ -158,21 +228,23 @@ class SnapshotCache:
         return event
 
     def set_envoy(self, group: str, config: EnvoyConfig, changed_at: float | None = None) -> Snapshot:
-        tables = self._tables.setdefault(
-            group,
-            {
+        tables = self._tables.get(group)
+        if tables is None:
+            route_configs = _RouteConfigs()
+            tables = self._tables[group] = {
                 LISTENER: _Table(_listener),
-                ROUTE: _Table(_route),
+                ROUTE: _Table(route_configs.build),
                 CLUSTER: _Table(_cluster),
                 ENDPOINT: _Table(_endpoints),
-            },
-        )
+            }
+            self._route_configs[group] = route_configs
         changed = [
             tables[LISTENER].update(config.listeners),
             tables[ROUTE].update(config.route_configs),
             tables[CLUSTER].update(config.clusters),
             tables[ENDPOINT].update(config.endpoints),
         ]
+        self._route_configs[group].forget(set(tables[ROUTE].resources))
         return self._store(group, tables, any(changed), changed_at)
 
     def set_redirects(self, group: str, rules: Mapping[Any, RedirectRule], changed_at: float | None = None) -> Snapshot:
@@ -183,6 +255,7 @@ class SnapshotCache:
         """A group that no longer exists gets an empty snapshot (its Envoys are told to drop everything)."""
         if group in self._snapshots:
             self._tables.pop(group, None)
+            self._route_configs.pop(group, None)
             self._store(group, {}, True, None)
 
     def _store(self, group: str, tables: Mapping[str, _Table], changed: bool, changed_at: float | None) -> Snapshot:

@@ -245,14 +245,18 @@ def _set_tcp_destination(proxy: tcp_proxy_pb2.TcpProxy, tcp: TcpProxy) -> None:
 
 def route_configuration(value: RouteConfig) -> route_pb2.RouteConfiguration:
     """Virtual hosts sorted by name (their order carries no meaning: domains are unique across them)."""
-    return route_pb2.RouteConfiguration(
-        name=value.name,
-        virtual_hosts=[_virtual_host(value.virtual_hosts[name]) for name in sorted(value.virtual_hosts)],
-        max_direct_response_body_size_bytes=_u32(MAX_DIRECT_RESPONSE_BODY_BYTES),
-    )
+    out = route_configuration_settings()
+    out.name = value.name
+    out.virtual_hosts.extend(virtual_host(value.virtual_hosts[name]) for name in sorted(value.virtual_hosts))
+    return out
 
 
-def _virtual_host(value: VirtualHost) -> route_components_pb2.VirtualHost:
+def route_configuration_settings() -> route_pb2.RouteConfiguration:
+    """Every field of a RouteConfiguration but its name and virtual hosts: the same for all of them."""
+    return route_pb2.RouteConfiguration(max_direct_response_body_size_bytes=_u32(MAX_DIRECT_RESPONSE_BODY_BYTES))
+
+
+def virtual_host(value: VirtualHost) -> route_components_pb2.VirtualHost:
     """Domains and routes in the given order: routes are matched first to last."""
     return route_components_pb2.VirtualHost(
         name=value.name, domains=value.domains, routes=[_route(r) for r in value.routes]

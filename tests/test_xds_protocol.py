@@ -514,6 +514,25 @@ async def test_nack_then_no_change_of_that_type_sends_nothing(delta):
         assert not proxy["converged"]
 
 
+@PROTOCOLS
+@aio
+async def test_a_huge_nack_message_is_kept_short_for_status_and_logs(delta):
+    """Envoy's NACK of a route configuration quotes the whole configuration (megabytes at a few thousand Services)."""
+    async with Plane() as plane:
+        plane.publish(world())
+        c = plane.client(delta=delta)
+        await c.subscribe(CLUSTER)
+        await c.ack(await c.receive(CLUSTER))
+        plane.publish(world(web_policy=pool(7)))
+        head = "Proto constraint validation failed (cluster web): "
+        await c.nack(await c.receive(CLUSTER), head + "x" * 2_000_000)
+        proxy = await plane.until(lambda p: bool(p["errors"]))
+        kept = proxy["errors"]["cds"]
+        assert kept.startswith(head) and kept.endswith("more characters)")
+        assert len(kept) < 5000
+        assert plane.server.errors[(GROUP, "gw-1", "cds")] == kept
+
+
 # ------------------------------------------------------------------------------------------------ make before break
 
 

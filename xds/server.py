@@ -44,6 +44,17 @@ WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, REDIRECT})
 GATED_TYPES = frozenset({LISTENER, ROUTE})
 
 
+MAX_ERROR_CHARS = 4096
+
+
+def nack_message(message: str) -> str:
+    """Envoy's NACK text can embed the whole rejected resource (megabytes for a big route configuration): keep the
+    head, where Envoy names the problem, for logs, status and metrics."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS} more characters)"
+
+
 @dataclass(slots=True)
 class _TypeState:
     """What one client holds of one resource type, as far as this stream knows."""
@@ -216,7 +227,7 @@ class _SotwStream(_Stream):
             return
         if request.HasField("error_detail"):
             state.nacked_version, state.nacked_nonce = state.sent_version, state.nonce
-            state.error = request.error_detail.message
+            state.error = nack_message(request.error_detail.message)
             self.server.nacked(self, request.type_url, state.error)
             return
         if state.nacked_nonce == state.nonce:
@@ -297,7 +308,7 @@ class _DeltaStream(_Stream):
         if changes is None:
             return  # an initial request, a subscription change, or a stale nonce: never dropped in Delta
         if request.HasField("error_detail"):
-            state.error = request.error_detail.message
+            state.error = nack_message(request.error_detail.message)
             for name, resource in changes.items():
                 if resource is None:
                     continue

@@ -378,6 +378,30 @@ async def test_node_cluster_ns_name_is_accepted_as_the_group(delta):
 
 @PROTOCOLS
 @aio
+async def test_a_client_that_goes_away_leaves_no_stream_and_no_task_behind(delta):
+    async with Plane() as plane:
+        plane.publish(world())
+        before = asyncio.all_tasks()
+        c = plane.client(delta=delta)
+        await c.subscribe(CLUSTER)
+        await c.receive(CLUSTER)  # the server now waits for the next request or the next change
+        await c.close()
+        plane.clients.remove(c)
+
+        def ours() -> set[asyncio.Task]:  # gRPC keeps a task waiting for the next call: not the stream's
+            return {t for t in asyncio.all_tasks() - before if "AioServer" not in repr(t)}
+
+        deadline = asyncio.get_running_loop().time() + RECEIVE
+        while plane.server.streams.get(GROUP) or ours():
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"left behind: streams {plane.server.streams}, tasks {ours()}"
+            )
+            await asyncio.sleep(0.01)
+        assert plane.server.status()[GROUP]["proxies"] == []
+
+
+@PROTOCOLS
+@aio
 async def test_an_unknown_resource_type_is_refused_with_invalid_argument(delta):
     async with Plane() as plane:
         plane.publish(world())

@@ -480,6 +480,8 @@ class XdsServer:
 
         reader = asyncio.create_task(pump())
         registered = False
+        getter: asyncio.Task | None = None
+        waiter: asyncio.Task | None = None
         try:
             first = await queue.get()
             if first is None:
@@ -502,7 +504,6 @@ class XdsServer:
             )
             stream.snapshot = self.cache.get(stream.group)
             pending: Any = first
-            getter: asyncio.Task | None = None
             while True:
                 if pending is not None:
                     batch = [pending]  # and everything already received behind it, before answering
@@ -538,7 +539,9 @@ class XdsServer:
                         return
                 stream.snapshot = self.cache.get(stream.group)
         finally:
-            reader.cancel()
+            for task in (reader, getter, waiter):  # also when the client cancels the RPC mid-wait
+                if task is not None:
+                    task.cancel()
             if registered:
                 self.streams[stream.group].discard(stream)
                 self.metrics.connected(stream.group, len(self.streams[stream.group]))

@@ -264,6 +264,7 @@ class DnsRecord:
     ttl: int
     gateway: str  # the InternalGateway (namespace/name) that owns the name
     mode: str  # coredns or server
+    target: str = ""  # the gateway Service's FQDN (address.serviceRef); "" when the gateway has address.ips
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -35,6 +35,7 @@ def test_render_helloworld_shows_listener_route_endpoints_dns_and_redirect(hello
             "ttl": 5,
             "gateway": "istio-system/canal",
             "mode": "coredns",
+            "target": "canal-gateway.istio-system.svc.cluster.local",
         }
     ]
     (redirect,) = out["redirects"]

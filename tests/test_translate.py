@@ -428,6 +428,26 @@ def test_dual_stack_redirects_per_family():
 # ----------------------------------------------------------------------------- gateways and names
 
 
+def test_dns_records_name_the_gateway_service_as_the_coredns_target():
+    """CoreDNS renames a rewritten question to the gateway's own name: its Service FQDN in the InternalGateway's
+    cluster domain. With address.ips there is no such Service, and the target is empty."""
+    routed = [*app("web"), virtual_service("web", http=[{"route": [route("web")]}])]
+    by_service = run(
+        [
+            gateway(),
+            internal_gateway(service_ref="canal-gateway", clusterDomain="corp.internal"),
+            service("canal-gateway", "istio-system", ip="10.96.0.50"),
+            *routed,
+        ]
+    )
+    (record,) = by_service.dns.values()
+    assert record.fqdn == "web.default.svc.corp.internal"
+    assert record.target == "canal-gateway.istio-system.svc.corp.internal"
+    by_ips = run([gateway(), internal_gateway(ips=["10.96.0.60"]), *routed])
+    assert by_ips.dns["web.default.svc.cluster.local"].target == ""
+    assert by_ips.dns["web.default.svc.cluster.local"].addresses == ("10.96.0.60",)
+
+
 def test_redirect_needs_ready_gateway_pods_or_static_addresses():
     objs = [
         gateway(),

@@ -96,6 +96,7 @@ class Addressing:
     backends: tuple[str, ...]
     conditions: tuple[Condition, ...]
     caveats: tuple[Caveat, ...]
+    target: str = ""  # the gateway Service's FQDN, what CoreDNS renames rewritten questions to
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,6 +578,11 @@ class Translator:
             backends=tuple(sorted(set(backends))),
             conditions=tuple(conditions),
             caveats=tuple(caveats),
+            target=(
+                f"{ig.address_service.name}.{ig.address_service.namespace}.svc.{ig.cluster_domain}"
+                if ig.address_service is not None and addresses
+                else ""
+            ),
         )
 
     # ============================================================================= contributions
@@ -1049,7 +1055,9 @@ class Translator:
             assert addressing is not None
             service: Service = owner[2]
             if addressing.dns_mode != "none" and addressing.addresses:
-                self._dns[fqdn] = DnsRecord(fqdn, addressing.addresses, addressing.ttl, owner[1], addressing.dns_mode)
+                self._dns[fqdn] = DnsRecord(
+                    fqdn, addressing.addresses, addressing.ttl, owner[1], addressing.dns_mode, addressing.target
+                )
             if addressing.redirect_mode != "none" and addressing.backends:
                 keys = []
                 for ip in service.cluster_ips:

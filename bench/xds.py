@@ -45,7 +45,7 @@ _spec = importlib.util.spec_from_file_location("canal_bench_translate", _HERE / 
 workload = importlib.util.module_from_spec(_spec)  # bench/translate.py: the synthetic cluster generator
 _spec.loader.exec_module(workload)
 
-from canal.xds.bootstrap import bootstrap  # noqa: E402
+from canal.xds.bootstrap import bootstrap, envoy_binary, envoy_command  # noqa: E402
 from canal.xds.cache import SnapshotCache  # noqa: E402
 from canal.xds.publisher import Publisher  # noqa: E402
 from canal.xds.server import XdsServer  # noqa: E402
@@ -57,7 +57,7 @@ from canal.model.base import ObjectRef  # noqa: E402
 from canal.snapshot import Snapshot, parse_object  # noqa: E402
 from canal.translate import Translator  # noqa: E402
 
-ENVOY = Path(sys.executable).parent / "envoy"
+ENVOY = envoy_binary() or Path(sys.executable).parent / "envoy"
 GROUP = f"{workload.GATEWAY_NS}/canal"
 TARGET_CHANGE_P50_MS = 25.0
 TARGET_CHANGE_P99_MS = 100.0
@@ -101,18 +101,7 @@ class EnvoyProcess:
         self.log = workdir / f"{name}.log"
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [
-                str(ENVOY),
-                "-c",
-                str(path),
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-                "--base-id",
-                str(admin_port),
-                "--disable-hot-restart",
-            ],
+            envoy_command(ENVOY, path, base_id=admin_port),
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

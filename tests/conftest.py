@@ -12,6 +12,7 @@ import yaml
 
 from canal.snapshot import Snapshot
 from canal.translate import translate
+from tests.kube_api import kube_api_fixture, kube_client_fixture  # noqa: F401 (fixtures kube_api, kube_client)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

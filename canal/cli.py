@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import click
 import yaml
 
 from canal import __version__
-from canal.desired import DesiredState
+from canal.desired import DesiredState, DnsRecord
 from canal.files import LoadError, load_documents
 from canal.serialize import SECTIONS, render_state
 from canal.snapshot import Snapshot, parse_object
 from canal.translate import translate
 from canal.xds.bootstrap import bootstrap as envoy_bootstrap
 from canal.xds.bootstrap import split_address
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+    from canal.dns.coredns import ConfigMapRef
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 
@@ -205,6 +212,192 @@ def bootstrap(xds_address: str, node_id: str, group: str, admin_port: int, delta
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--group") from None
     click.echo(yaml.safe_dump(config, sort_keys=False), nl=False)
+
+
+# ------------------------------------------------------------------------------------------------------ dns
+# `apply` is what the controller does for `dns.mode: coredns`, for clusters run without it; `restore` puts the
+# pre-Canal Corefile back. Kubernetes is imported only by the commands that talk to a cluster.
+
+
+def _coredns_records(records: Mapping[str, DnsRecord]) -> dict[str, DnsRecord]:
+    return {fqdn: r for fqdn, r in records.items() if r.mode == "coredns"}
+
+
+def _configmap_ref(value: str, key: str) -> ConfigMapRef:
+    from canal.dns.coredns import ConfigMapRef  # noqa: PLC0415
+
+    namespace, sep, name = value.partition("/")
+    if not sep or not namespace or not name or "/" in name:
+        raise click.BadParameter(f"expected NAMESPACE/NAME, got {value!r}", param_hint="--configmap")
+    return ConfigMapRef(namespace, name, key)
+
+
+def api_client(kubeconfig: str | None, context: str | None) -> ApiClient:
+    """An explicit kubeconfig, else the in-cluster service account, else the default kubeconfig (~/.kube/config)."""
+    from kubernetes import client, config  # noqa: PLC0415
+
+    if kubeconfig is None and context is None:
+        try:
+            config.load_incluster_config()
+            return client.ApiClient()
+        except config.ConfigException:
+            pass
+    try:
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    except (config.ConfigException, OSError) as err:
+        click.echo(f"error: cannot load a Kubernetes configuration: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+    return client.ApiClient(configuration)
+
+
+_CLUSTER_OPTIONS = [
+    click.option(
+        "--kubeconfig",
+        type=click.Path(dir_okay=False),
+        help="Kubeconfig file (default: in-cluster, then ~/.kube/config).",
+    ),
+    click.option("--context", help="Kubeconfig context."),
+    click.option(
+        "--configmap",
+        default="kube-system/coredns",
+        show_default=True,
+        metavar="NAMESPACE/NAME",
+        help="The CoreDNS ConfigMap.",
+    ),
+    click.option("--key", default="Corefile", show_default=True, help="The ConfigMap key that holds the Corefile."),
+]
+
+
+def _cluster_options(fn):  # noqa: ANN001
+    for option in reversed(_CLUSTER_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@cli.group()
+def dns() -> None:
+    """Canal's DNS rewriting through CoreDNS: preview, apply and restore the Corefile."""
+
+
+@dns.command()
+@click.option(
+    "--corefile", "corefile_path", required=True, type=click.File("r"), help="The current Corefile ('-': stdin)."
+)
+@_FILES
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--diff/--no-diff", "show_diff", default=False, help="Print a unified diff instead of the file.")
+def corefile(corefile_path, paths: tuple[str, ...], cluster_domain: str, show_diff: bool) -> None:  # noqa: ANN001
+    """Print the Corefile Canal would write for the objects in PATH (offline; nothing is changed).
+
+    Exit code 1 when the Corefile cannot be edited safely (unparseable, or no single server block serves the
+    cluster domain); the reason names the line."""
+    from canal.dns.corefile import CorefileError, plan_corefile  # noqa: PLC0415
+
+    original = corefile_path.read()
+    _, state = _translate(paths)
+    try:
+        edit = plan_corefile(original, _coredns_records(state.dns), cluster_domain=cluster_domain)
+    except CorefileError as err:
+        click.echo(f"error: {corefile_path.name}: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+    for warning in edit.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if show_diff:
+        click.echo(edit.diff(corefile_path.name, f"{corefile_path.name} (canal)"), nl=False)
+    else:
+        click.echo(edit.after, nl=False)
+
+
+@dns.command()
+@_FILES
+@_cluster_options
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option(
+    "--verify",
+    "verify_address",
+    metavar="HOST[:PORT]",
+    help="After writing, ask this DNS server (the cluster DNS) until a rewritten name resolves to the gateway.",
+)
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=180, show_default=True, help="For --verify.")
+def apply(
+    paths: tuple[str, ...],
+    kubeconfig: str | None,
+    context: str | None,
+    configmap: str,
+    key: str,
+    cluster_domain: str,
+    verify_address: str | None,
+    timeout: float,
+) -> None:
+    """Write Canal's rewrite rules for the objects in PATH into the CoreDNS ConfigMap.
+
+    The pre-Canal Corefile is kept in an annotation (see `canal dns restore`); an unchanged Corefile is not
+    rewritten. CoreDNS picks the change up after the kubelet syncs the volume and `reload` notices it."""
+    from kubernetes.client import CoreV1Api  # noqa: PLC0415
+
+    from canal.dns import coredns  # noqa: PLC0415
+    from canal.dns.corefile import render_corefile, strip_canal_block  # noqa: PLC0415
+
+    ref = _configmap_ref(configmap, key)
+    server = _dns_address(verify_address) if verify_address else None
+    _, state = _translate(paths)
+    records = _coredns_records(state.dns)
+    writer = coredns.CorefileWriter(
+        CoreV1Api(api_client(kubeconfig, context)),
+        functools.partial(render_corefile, cluster_domain=cluster_domain),
+        ref,
+        strip=strip_canal_block,
+    )
+    try:
+        result = writer.apply(records)
+    except coredns.CorednsError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+    what = "written" if result.written else "unchanged"
+    click.echo(f"ConfigMap {ref} key {ref.key}: {what} ({len(records)} rewritten name(s))")
+    if server is None or not records:
+        return
+    name, record = min(records.items())
+    outcome = coredns.verify(name, record.addresses, server, deadline=timeout, since=result.written_at)
+    click.echo(f"{outcome.type}={outcome.status} {outcome.reason}: {outcome.message}")
+    if not outcome.ok:
+        sys.exit(EXIT_REJECTED)
+
+
+@dns.command()
+@_cluster_options
+@click.option(
+    "--strip-if-unsaved",
+    is_flag=True,
+    help="Without Canal's saved copy of the original, remove just Canal's block instead of failing.",
+)
+def restore(kubeconfig: str | None, context: str | None, configmap: str, key: str, strip_if_unsaved: bool) -> None:
+    """Put back the Corefile from before Canal's first edit, and drop Canal's saved copy."""
+    from kubernetes.client import CoreV1Api  # noqa: PLC0415
+
+    from canal.dns import coredns  # noqa: PLC0415
+    from canal.dns.corefile import strip_canal_block  # noqa: PLC0415
+
+    ref = _configmap_ref(configmap, key)
+    try:
+        result = coredns.restore(
+            CoreV1Api(api_client(kubeconfig, context)), ref, strip=strip_canal_block if strip_if_unsaved else None
+        )
+    except (coredns.CorednsError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+    what = "restored" if result.written else "already as before Canal"
+    click.echo(f"ConfigMap {ref} key {ref.key}: {what}")
+
+
+def _dns_address(value: str) -> tuple[str, int]:
+    from canal.dns.coredns import parse_address  # noqa: PLC0415
+
+    try:
+        return parse_address(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--verify") from None
 
 
 def main() -> None:

@@ -230,6 +230,31 @@ def test_flush_without_changes_does_nothing_and_an_unchanged_state_keeps_the_sna
     run(body())
 
 
+def test_on_publish_sees_each_published_state_after_the_snapshots_changed():
+    """Other publishers (Canal's DNS server) change together with the xDS snapshots: once per flush, with the
+    state the flush published, after the cache holds it."""
+    states = [state(i) for i in range(1, 6)]
+
+    async def body() -> None:
+        cache = RecordingCache(states)
+        seen: list[tuple[int, str]] = []
+        publisher = Publisher(
+            cache,
+            quiet=0.02,
+            max_delay=0.2,
+            on_publish=lambda s: seen.append((states.index(s), endpoint_of(cache.get(GROUP)))),
+        )
+        for s in states[:3]:  # a burst: one flush, of the last state
+            publisher.submit(s)
+        await wait_for_flushes(cache, 1)
+        publisher.submit(states[3])
+        publisher.flush()
+        publisher.flush()  # nothing new: no second call
+        assert seen == [(2, "10.244.1.3"), (3, "10.244.1.4")]
+
+    run(body())
+
+
 # ------------------------------------------------------------------------------------------------ groups
 
 

@@ -30,6 +30,7 @@ class Publisher:
         quiet: float = DEFAULT_QUIET,
         max_delay: float = DEFAULT_MAX_DELAY,
         clock: Callable[[], float] = time.monotonic,
+        on_publish: Callable[[DesiredState], None] | None = None,
     ) -> None:
         if quiet < 0 or max_delay < quiet:
             raise ValueError("need 0 <= quiet <= max_delay")
@@ -37,6 +38,7 @@ class Publisher:
         self.quiet = quiet
         self.max_delay = max_delay
         self.clock = clock
+        self.on_publish = on_publish  # other publishers (DNS) that change together with the xDS snapshots
         self._latest: DesiredState | None = None
         self._first_change: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -70,5 +72,7 @@ class Publisher:
             self.cache.remove(group)
         self.cache.set_redirects(NODE_AGENT_GROUP, state.redirects, changed_at)
         self._published_groups = groups
+        if self.on_publish is not None:
+            self.on_publish(state)
         self.published.set()
         log.debug("published %d gateway group(s)", len(groups))

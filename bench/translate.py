@@ -48,6 +48,7 @@ TARGET_MEMORY_MB = 500.0
 
 GATEWAY_NS = "istio-system"
 GATEWAY_PORTS = (80, 8080)
+SHARD_PORT_BASE = 20000  # --shards: shard k's listener for GATEWAY_PORTS[i] is 20000 + 1000 * i + k
 DOMAIN = "cluster.local"
 ISTIO = "networking.istio.io/v1"
 
@@ -122,12 +123,17 @@ def generate(
     rule_fraction: float = 0.04,
     seed: int = 20240601,
     reuse_names: bool = False,
+    shards: int = 1,
 ) -> Cluster:
     """A deterministic synthetic cluster of `services` Services, each with a VirtualService on the gateway.
 
     Service names are unique cluster-wide by default, so no two Services claim the same short-name Host header
     (`api`, `api:80`) on the shared gateway. With `reuse_names`, names are unique only within a namespace, as in
     real clusters: the input stays valid, but the gateway drops the shared short names with a caveat each.
+
+    With `shards` > 1 the InternalGateway sets address.shards and the shard Services canal-gateway-<k> are added
+    (targetPort of each gateway port: its shard's listener port, see SHARD_PORT_BASE). They are generated last,
+    from their own random stream, so every other object is the same as with one shard.
     """
     rng = random.Random(seed)
     clock = _Clock()
@@ -388,10 +394,43 @@ def generate(
         vs = add(_virtual_service(rng, clock, ns, name, ports, subsets, plans, feature))
         out.virtual_services[(ns, name)] = vs
 
+    if shards > 1:
+        _add_shards(out, shards, random.Random(seed + 1), clock)
+
     out.features = dict(sorted(features.items()))
     for obj in out.objects:
         out.counts[obj["kind"]] = out.counts.get(obj["kind"], 0) + 1
     return out
+
+
+def _add_shards(out: Cluster, shards: int, rng: random.Random, clock: _Clock) -> None:
+    """address.shards on the InternalGateway, and the Services canal-gateway-<k> the Helm chart would create."""
+    ig = next(o for o in out.objects if o["kind"] == "InternalGateway")
+    ig["spec"]["address"]["shards"] = shards
+    for k in range(shards):
+        ip = _ip("10.96.2.0", k)
+        out.objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": _meta(f"canal-gateway-{k}", GATEWAY_NS, clock, rng),
+                "spec": {
+                    "type": "ClusterIP",
+                    "clusterIP": ip,
+                    "clusterIPs": [ip],
+                    "selector": {"app": "canal-gateway"},
+                    "ports": [
+                        {
+                            "name": f"http-{p}",
+                            "port": p,
+                            "targetPort": SHARD_PORT_BASE + 1000 * i + k,
+                            "protocol": "TCP",
+                        }
+                        for i, p in enumerate(GATEWAY_PORTS)
+                    ],
+                },
+            }
+        )
 
 
 def _dest(rng: random.Random, ns: str, name: str, **extra: Any) -> dict[str, Any]:
@@ -852,6 +891,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Service names unique per namespace only (short names collide across namespaces)",
     )
+    ap.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="gateway shards (address.shards, plus the shard Services); default 1: the unsharded input",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of parse / full translation (default 3)")
     ap.add_argument("--incremental", type=int, default=200, help="applies per incremental case (default 200)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -874,7 +919,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     log(f"generating {args.services} Services in {args.namespaces} namespaces (seed {args.seed})")
-    cluster = generate(args.services, args.namespaces, args.endpoints, seed=args.seed, reuse_names=args.reuse_names)
+    cluster = generate(
+        args.services, args.namespaces, args.endpoints, seed=args.seed, reuse_names=args.reuse_names, shards=args.shards
+    )
 
     log(f"parse x{args.repeat}")
     parse_s, snapshot = _time(lambda: Snapshot.from_dicts(cluster.objects), args.repeat)
@@ -945,11 +992,13 @@ def main(argv: list[str] | None = None) -> int:
     m = machine()
     endpoints = sum(len(s["endpoints"]) for s in cluster.slices.values())
     print(f"Input: {cluster.counts.get('VirtualService', 0):,} VirtualServices, {args.services:,} Services "
-          f"(+1 gateway Service), {len(cluster.slices):,} EndpointSlices with {endpoints:,} endpoints, "
+          f"(+{1 + args.shards if args.shards > 1 else 1} gateway Service{'s' if args.shards > 1 else ''}), "
+          f"{len(cluster.slices):,} EndpointSlices with {endpoints:,} endpoints, "
           f"{cluster.counts.get('Pod', 0):,} Pods, {cluster.counts.get('DestinationRule', 0):,} DestinationRules, "
           f"{args.namespaces} namespaces (+ istio-system); {len(cluster.objects):,} objects; "
           f"seed {args.seed}"
-          f"{'; Service names reused across namespaces' if args.reuse_names else ''}.")  # fmt: skip
+          f"{'; Service names reused across namespaces' if args.reuse_names else ''}"
+          f"{f'; {args.shards} gateway shards' if args.shards > 1 else ''}.")  # fmt: skip
     print("Output: " + ", ".join(f"{v:,} {k}" for k, v in output.items()) + ".")
     print(f"Valid input: {'yes' if valid else 'NO'} ({problems} parse rejections, {len(rejections)} translation "
           f"rejections, {output['DNS records']:,} of {args.services:,} Services migrated; "

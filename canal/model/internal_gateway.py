@@ -22,6 +22,7 @@ DNS_MODES = ("coredns", "server", "none")
 REDIRECT_MODES = ("nftables", "ipvs", "none")
 DEFAULT_TTL = 5
 MAX_TTL = 86400
+MAX_SHARDS = 256  # each shard is a Service and a listener per server port; more is a mistake, not a plan
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -45,10 +46,19 @@ class InternalGateway:
     dns_ttl: int = DEFAULT_TTL
     redirect_mode: str = "nftables"
     namespace_selector: LabelSelector | None = None  # None selects no namespace; an empty selector all
+    shards: int = 1  # address.shards: > 1 spreads Services over the Services <serviceRef.name>-<k>
 
     @property
     def ref(self) -> ObjectRef:
         return ObjectRef("InternalGateway", self.meta.namespace, self.meta.name)
+
+    @property
+    def shard_services(self) -> tuple[NamespacedName, ...]:
+        """The Services that reach shard k (index k); empty when the gateway is not sharded."""
+        if self.shards <= 1 or self.address_service is None:
+            return ()
+        ref = self.address_service
+        return tuple(NamespacedName(ref.namespace, f"{ref.name}-{k}") for k in range(self.shards))
 
     @property
     def key(self) -> str:
@@ -83,7 +93,7 @@ def parse_internal_gateway(obj: Mapping[str, Any], issues: Issues) -> InternalGa
     gateway = _ref(gateway_node, meta.namespace)
     workload = check_labels(spec.str_map("workloadSelector"), spec.at("workloadSelector"))
 
-    address_service, address_ips = None, ()
+    address_service, address_ips, shards = None, (), 1
     address = spec.node("address")
     if address is not None:
         service_node = address.node("serviceRef")
@@ -92,6 +102,13 @@ def parse_internal_gateway(obj: Mapping[str, Any], issues: Issues) -> InternalGa
             raise FieldError(address.path, "set either serviceRef or ips, not both")
         if service_node is not None:
             address_service = _ref(service_node, meta.namespace)
+        shards = address.int("shards", default=1, lo=1, hi=MAX_SHARDS) or 1
+        if shards > 1 and address_service is None:
+            raise address.fail("shards", "needs serviceRef: shard k is reached through the Service <name>-<k>")
+        if shards > 1 and address_service is not None:
+            last = f"{address_service.name}-{shards - 1}"
+            if not is_dns_label(last):
+                raise address.fail("shards", f"shard Service name {last!r} is not a valid Service name")
         address_ips = tuple(check_ip(ip, f"{address.at('ips')}[{i}]") for i, ip in enumerate(ips))
         if len(set(address_ips)) != len(address_ips):
             raise address.fail("ips", "lists an address twice")
@@ -133,4 +150,5 @@ def parse_internal_gateway(obj: Mapping[str, Any], issues: Issues) -> InternalGa
         dns_ttl=dns_ttl if dns_ttl is not None else DEFAULT_TTL,
         redirect_mode=redirect_mode,
         namespace_selector=selector,
+        shards=shards,
     )

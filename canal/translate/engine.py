@@ -3,14 +3,26 @@
 The work is split into pure steps with explicit dependencies, each cached and re-run only when an input
 changed:
 
-  InternalGateway + Gateway          -> scope (servers, domain) and addressing (DNS answers, redirect targets)
+  InternalGateway + Gateway          -> scope (servers, domain), shard layout (the listener port of each
+    + gateway and shard Services        (port, shard)) and addressing (DNS answers and targets, redirects)
   VirtualService x scope + Services  -> Contribution (routes per (port, host), TCP routes, migrated Services)
-  Contributions sharing a (port, host) -> one virtual host     (routes merged oldest first; a contested name
-                                                               goes to the oldest host)
-  Contributions sharing a TCP port   -> one TCP listener       (the oldest wins; the others are rejected)
+  Contributions sharing a (port, host) -> one candidate        (routes merged oldest first)
+  candidates on one listener         -> virtual hosts          (a name two hosts claim goes to the oldest)
+  TCP routes on one listener         -> one TCP proxy          (the oldest wins; the others are rejected)
   per Service                        -> migrated or not        (every port must be served, or nothing moves)
   referenced clusters                -> Cluster (DestinationRule) and ClusterLoadAssignment (EndpointSlices, Pods)
   migrated Services x gateways       -> DNS records and redirect rules (the oldest InternalGateway owns a name)
+
+Listeners. Compilation knows only Gateway server ports. Assembly maps each port P to listener ports: P itself
+on an unsharded gateway (the layout before shards existed, byte for byte), and with `address.shards: N` one per
+shard k, the targetPort Service <serviceRef.name>-<k> gives P (validated distinct, so a listener port names its
+(P, k)). A Service's virtual host and TCP route go to the listener of its own shard (shards.shard_of);
+literal hosts, `*` and TCP routes serving no Service go to every shard of the port. Everything Envoy sees, and
+everything contested, is keyed by listener port: virtual hosts, the owners and winner of each name, HTTP filter
+flags, TCP winners and conflicts, listeners `0.0.0.0_<listener>` and route configurations `http.<listener>`. DNS
+records and redirect rules of a Service use its shard's Service (addresses, target) and listener ports. The
+layout is part of a gateway's view: a change to it (shards, a shard Service's ports) rebuilds that gateway's
+state from scratch, as a change of its Gateway does; a shard Service's ClusterIP only changes addressing.
 
 A full translation is the same machinery fed every object at once, so "incremental equals full" is a
 property of the dependency tracking alone (tested with hypothesis).
@@ -55,10 +67,11 @@ from canal.translate.clusters import build_cluster, select_endpoints
 from canal.translate.compile import binds, compile_default, compile_virtual_service, gateway_names
 from canal.translate.context import Contribution, GatewayScope, RoutesSummary, TcpPart
 from canal.translate.names import contestable, literal_domains, service_domains, split_service_fqdn
+from canal.translate.shards import ShardLayout, service_key, shard_of
 
 SvcKey = tuple[str, str]  # (namespace, name)
 ContribKey = tuple[str, ObjectRef]  # (InternalGateway key, source)
-GroupId = tuple[Any, ...]  # ("vh", port, vkey) or ("tcp", port)
+GroupId = tuple[Any, ...]  # ("vh", listener port, vkey) or ("tcp", listener port)
 
 
 def translate(snapshot: Snapshot) -> DesiredState:
@@ -97,6 +110,8 @@ class Addressing:
     conditions: tuple[Condition, ...]
     caveats: tuple[Caveat, ...]
     target: str = ""  # the gateway Service's FQDN, what CoreDNS renames rewritten questions to
+    # Sharded: per shard k, the ClusterIPs of Service <serviceRef.name>-<k> and its FQDN (the shard's target).
+    shards: tuple[tuple[tuple[str, ...], str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +124,8 @@ class GatewayView:
     namespaces: frozenset[str]  # selected by namespaceSelector
     rejections: tuple[Rejection, ...]
     caveats: tuple[Caveat, ...]
+    layout: ShardLayout = field(default_factory=ShardLayout)  # the listener of every (server port, shard)
+    watched: frozenset[SvcKey] = frozenset()  # the Services the addressing reads (gateway and shard Services)
 
 
 @dataclass(slots=True)
@@ -119,6 +136,7 @@ class _Candidate:
     service: bool  # the host is a Service (losing a name then stops its migration)
     summary: RoutesSummary
     contested: tuple[str, ...]  # the domains whose ownership is tracked (see names.contestable)
+    listeners: tuple[int, ...]  # the listener ports serving it: a Service's shard, any other host every shard
 
 
 @dataclass(slots=True)
@@ -138,21 +156,24 @@ class _Outcome:
 
 @dataclass(slots=True)
 class _GatewayState:
+    """One gateway's assembly. Contributions and candidates are keyed by Gateway server port ("port"); what Envoy
+    gets, and who owns a name, by listener port ("listener"): the port itself unless the gateway is sharded."""
+
     view: GatewayView
     contribs: dict[ObjectRef, Contribution] = field(default_factory=dict)
     vhost_members: dict[tuple[int, str], set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
-    tcp_members: dict[int, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
+    tcp_members: dict[int, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))  # by port
     migrate_members: dict[str, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
     explicit_members: dict[str, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
     wildcard_members: dict[str, set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
-    candidates: dict[tuple[int, str], _Candidate] = field(default_factory=dict)
-    domain_owners: dict[tuple[int, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    candidates: dict[tuple[int, str], _Candidate] = field(default_factory=dict)  # (port, vkey)
+    domain_owners: dict[tuple[int, str], set[str]] = field(default_factory=lambda: defaultdict(set))  # (listener, d)
     domain_winner: dict[tuple[int, str], str] = field(default_factory=dict)  # the oldest claimant keeps it
-    vhosts: dict[int, Table] = field(default_factory=lambda: defaultdict(Table))  # port -> vkey -> VirtualHost
-    filters: dict[int, dict[str, tuple[bool, bool]]] = field(default_factory=lambda: defaultdict(dict))
-    domain_caveats: dict[tuple[int, str], Caveat] = field(default_factory=dict)
-    lost_domains: dict[tuple[int, str], tuple[str, str]] = field(default_factory=dict)  # (names, their owners)
-    tcp_winners: dict[int, _TcpWinner] = field(default_factory=dict)
+    vhosts: dict[int, Table] = field(default_factory=lambda: defaultdict(Table))  # listener -> vkey -> VirtualHost
+    filters: dict[int, dict[str, tuple[bool, bool]]] = field(default_factory=lambda: defaultdict(dict))  # listener
+    domain_caveats: dict[tuple[int, str], Caveat] = field(default_factory=dict)  # (listener, vkey)
+    lost_domains: dict[tuple[int, str], tuple[str, str]] = field(default_factory=dict)  # (listener, vkey) -> names
+    tcp_winners: dict[int, _TcpWinner] = field(default_factory=dict)  # listener
     conflicts: dict[GroupId, dict[ObjectRef, Rejection]] = field(default_factory=dict)
     default_conflicts: dict[GroupId, dict[ObjectRef, Caveat]] = field(default_factory=dict)
     migrated: dict[str, Service] = field(default_factory=dict)
@@ -165,7 +186,7 @@ class _GatewayState:
     listeners: Table = field(default_factory=Table)  # name -> Listener
     route_configs: Table = field(default_factory=Table)  # name -> RouteConfig
     outcomes: dict[ObjectRef, _Outcome] = field(default_factory=dict)
-    vkey_ports: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    vkey_ports: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # vkey -> ports
     # Aggregates kept up to date so a status rebuild costs O(problems), not O(VirtualServices).
     bound: set[str] = field(default_factory=set)
     bound_frozen: frozenset[str] | None = None
@@ -183,11 +204,11 @@ class _Dirty:
 
     def __init__(self) -> None:
         self.contribs: set[ContribKey] = set()
-        self.vhosts: dict[str, set[tuple[int, str]]] = defaultdict(set)
-        self.finalize: dict[str, set[tuple[int, str]]] = defaultdict(set)
-        self.tcp: dict[str, set[int]] = defaultdict(set)
+        self.vhosts: dict[str, set[tuple[int, str]]] = defaultdict(set)  # (port, vkey): candidates
+        self.finalize: dict[str, set[tuple[int, str]]] = defaultdict(set)  # (listener, vkey): virtual hosts
+        self.tcp: dict[str, set[int]] = defaultdict(set)  # listeners
         self.migration: dict[str, set[str]] = defaultdict(set)
-        self.ports: dict[str, set[int]] = defaultdict(set)
+        self.ports: dict[str, set[int]] = defaultdict(set)  # listeners
         self.clusters: dict[str, set[str]] = defaultdict(set)  # rebuild cluster + endpoints
         self.services_clusters: set[SvcKey] = set()  # every cluster of these Services, in every gateway
         self.services_endpoints: set[SvcKey] = set()
@@ -337,10 +358,7 @@ class Translator:
                     dirty.contribs.add((ig_key, ref))
             dirty.services_clusters.add(key)
             dirty.services_endpoints.add(key)
-            return any(
-                v.ig.address_service is not None and (v.ig.address_service.namespace, v.ig.address_service.name) == key
-                for v in self._views.values()
-            )
+            return any(key in v.watched for v in self._views.values())
         if kind == "DestinationRule":
             for rule in (old, new):
                 target = _dr_target(rule) if rule is not None and not rule.has_workload_selector else None
@@ -404,15 +422,17 @@ class Translator:
             if old is not None:
                 dirty.status.add(old.ig.ref)
             state = self._states.get(key)
-            if state is not None and (new is None or old is None or old.scope != new.scope):
+            # Listeners (and so every key of the assembly) follow the shard layout: a new layout is a new state.
+            reshaped = new is None or old is None or old.scope != new.scope or old.layout != new.layout
+            if state is not None and reshaped:
                 self._drop_state(key, state, dirty)
             if new is None:
                 continue
-            if old is None or old.scope != new.scope:
+            if reshaped:
                 state = _GatewayState(new)
                 self._states[key] = state
                 if new.scope is not None:
-                    dirty.ports[key].update(new.scope.port_kinds)
+                    dirty.ports[key].update(new.layout.server_ports)
                     for ref in self._vs_by_gateway.get((new.scope.gateway.namespace, new.scope.gateway.name), ()):
                         dirty.contribs.add((key, ref))
                     for ns in new.namespaces:
@@ -476,9 +496,8 @@ class Translator:
                 )
             servers.append(server)
             kinds[server.port] = kind
-        exclude = frozenset()
-        if ig.address_service is not None:
-            exclude = frozenset({f"{ig.address_service.namespace}/{ig.address_service.name}"})
+        watched = frozenset((s.namespace, s.name) for s in (ig.address_service, *ig.shard_services) if s is not None)
+        exclude = frozenset(f"{ns}/{name}" for ns, name in watched)  # never routed through themselves
         scope = GatewayScope(
             key=ig.key,
             namespace=ig.meta.namespace,
@@ -493,12 +512,114 @@ class Translator:
             namespaces = frozenset(
                 ns.meta.name for ns in self.snapshot.all("Namespace") if ig.namespace_selector.matches(ns.meta.labels)
             )
-        return GatewayView(ig, scope, self._addressing(ig, gateway, kinds), namespaces, (), tuple(caveats))
+        layout, shards, problems = self._shards(ig, kinds)
+        rejections = tuple(Rejection(ig.ref, "spec.address.shards", problem) for problem in problems)
+        addressing = self._addressing(ig, gateway, kinds, layout, shards)
+        return GatewayView(ig, scope, addressing, namespaces, rejections, tuple(caveats), layout, watched)
 
-    def _addressing(self, ig: InternalGateway, gateway: Gateway, ports: Mapping[int, str]) -> Addressing:
+    def _shards(
+        self, ig: InternalGateway, kinds: Mapping[int, str]
+    ) -> tuple[ShardLayout, tuple[tuple[tuple[str, ...], str], ...], list[str]]:
+        """The listener layout, each shard's addresses, and what is wrong with the shard Services.
+
+        Shard k's listener for server port P binds the numeric targetPort that Service <name>-<k> maps P to, so
+        the Service (which the Helm chart creates) is the one place the port is written down. Anything unusable
+        falls back to the unsharded layout with a problem, which keeps every Service direct.
+        """
+        ports = sorted(kinds)
+        if ig.shards <= 1:
+            return ShardLayout.unsharded(ports), (), []
+        missing, no_ip, no_port, named = [], [], [], []
+        listeners: dict[int, list[int]] = {p: [] for p in ports}
+        owners: dict[int, list[str]] = defaultdict(list)  # listener port -> "<Service> port P"
+        shards = []
+        for ref in ig.shard_services:
+            svc: Service | None = self.snapshot.get("Service", ref.namespace, ref.name)
+            if svc is None:
+                missing.append(ref.name)
+                continue
+            if not svc.cluster_ips:
+                no_ip.append(ref.name)
+            lacking = []
+            for port in ports:
+                sp = next((x for x in svc.ports if x.port == port and x.protocol == "TCP"), None)
+                if sp is None:
+                    lacking.append(str(port))
+                elif isinstance(sp.target_port, str) or not 1 <= sp.target_port <= 65535:
+                    named.append(f"{ref.name} port {port} ({sp.target_port!r})")
+                else:
+                    listeners[port].append(sp.target_port)
+                    owners[sp.target_port].append(f"{ref.name} port {port}")
+            if lacking:
+                no_port.append(f"{ref.name} ({', '.join(lacking)})")
+            shards.append((tuple(sorted(svc.cluster_ips)), f"{ref.name}.{ref.namespace}.svc.{ig.cluster_domain}"))
+        problems = []
+        if missing:
+            ns = ig.shard_services[0].namespace
+            problems.append(f"shard Service(s) {_listed(missing)} not found in namespace {ns}")
+        if no_ip:
+            problems.append(f"shard Service(s) {_listed(no_ip)} have no cluster IP")
+        if no_port:
+            problems.append(
+                f"shard Service(s) lack TCP port(s) of Gateway {ig.gateway}: {_listed(no_port)}; "
+                "every shard needs every HTTP and TCP server port"
+            )
+        if named:
+            problems.append(
+                f"shard Service port(s) {_listed(named)} need a numeric targetPort: it is the shard's listener port"
+            )
+        shared = sorted(lp for lp, users in owners.items() if len(users) > 1)
+        if shared:
+            clashes = [f"{lp} ({' and '.join(owners[lp])})" for lp in shared]
+            problems.append(
+                f"listener port(s) {_listed(clashes)} are the targetPort of more than one (port, shard); "
+                "each needs its own"
+            )
+        if problems:
+            return ShardLayout.unsharded(ports, "; ".join(problems)), (), problems
+        return ShardLayout.sharded(ig.shards, {p: tuple(lps) for p, lps in listeners.items()}), tuple(shards), []
+
+    def _addressing(
+        self,
+        ig: InternalGateway,
+        gateway: Gateway,
+        ports: Mapping[int, str],
+        layout: ShardLayout,
+        shards: tuple[tuple[tuple[str, ...], str], ...],
+    ) -> Addressing:
         conditions, caveats = [], []
         addresses: tuple[str, ...] = tuple(sorted(ig.address_ips))
-        if ig.address_service is not None:
+        if ig.shards > 1:
+            addresses = ()
+            if layout.problem:
+                conditions.append(
+                    Condition(
+                        "AddressResolved",
+                        "False",
+                        "ShardsNotReady",
+                        "the shard Services are not usable (see ShardsReady); no names are rewritten",
+                    )
+                )
+                conditions.append(Condition("ShardsReady", "False", "InvalidShardServices", layout.problem))
+            else:
+                conditions.append(
+                    Condition(
+                        "AddressResolved",
+                        "True",
+                        "Sharded",
+                        "; ".join(f"{target.split('.', 1)[0]}: {', '.join(ips)}" for ips, target in shards),
+                    )
+                )
+                conditions.append(
+                    Condition(
+                        "ShardsReady",
+                        "True",
+                        "ShardServicesReady",
+                        f"{ig.shards} shards; listener ports: "
+                        + "; ".join(f"port {p}: {_runs(lps)}" for p, lps in sorted(layout.listeners.items())),
+                    )
+                )
+        elif ig.address_service is not None:
             addresses = ()
             svc: Service | None = self.snapshot.get("Service", ig.address_service.namespace, ig.address_service.name)
             if svc is None:
@@ -540,8 +661,14 @@ class Translator:
             for pod in self.snapshot.in_namespace("Pod", ig.meta.namespace).values():
                 if pod.ready and all(pod.meta.labels.get(k) == v for k, v in selector):
                     backends.extend(pod.ips)
+        if layout.problem:
+            backends = []  # the listener ports are unknown: nothing is redirected
         if ig.redirect_mode != "none":
-            if backends:
+            if layout.problem:
+                conditions.append(
+                    Condition("RedirectReady", "False", "ShardsNotReady", "ClusterIPs are not redirected")
+                )
+            elif backends:
                 conditions.append(
                     Condition(
                         "RedirectReady",
@@ -583,6 +710,7 @@ class Translator:
                 if ig.address_service is not None and addresses
                 else ""
             ),
+            shards=shards,
         )
 
     # ============================================================================= contributions
@@ -648,7 +776,10 @@ class Translator:
                 dirty.vhosts[ig_key].add(group_key)
             for port in contrib.tcp:
                 self._member(state.tcp_members, port, ref, add)
-                dirty.tcp[ig_key].add(port)
+                if state.view.layout.shards == 1:
+                    dirty.tcp[ig_key].add(port)
+                else:
+                    dirty.tcp[ig_key].update(self._tcp_listeners(state, port, contrib.tcp[port]))
             for fqdn in contrib.migrates:
                 self._member(state.migrate_members, fqdn, ref, add)
                 dirty.migration[ig_key].add(fqdn)
@@ -656,9 +787,16 @@ class Translator:
                     before = bool(state.explicit_members.get(fqdn))
                     self._member(state.explicit_members, fqdn, ref, add)
                     if before != bool(state.explicit_members.get(fqdn)):
-                        # A VirtualService appearing for (or leaving) a host switches its namespace default.
+                        # A VirtualService appearing for (or leaving) a host switches its namespace default, whose
+                        # TCP parts serve that host alone, on the listeners of its shard.
                         dirty.vhosts[ig_key].update((port, fqdn) for port in state.vkey_ports.get(fqdn, ()))
-                        dirty.tcp[ig_key].update(state.tcp_members)
+                        layout = state.view.layout
+                        if layout.shards == 1:
+                            dirty.tcp[ig_key].update(state.tcp_members)
+                        elif state.tcp_members:
+                            meta = contrib.migrates[fqdn].meta
+                            shard_key = service_key(meta.namespace, meta.name)
+                            dirty.tcp[ig_key].update(layout.listener(port, shard_key) for port in state.tcp_members)
             for fqdn in contrib.wildcard_migrates:
                 self._member(state.wildcard_members, fqdn, ref, add)
         if new is None:
@@ -674,6 +812,21 @@ class Translator:
             else:
                 state.default_caveats.pop(ref, None)
             dirty.gateways.add(ig_key)
+
+    @staticmethod
+    def _tcp_listeners(state: _GatewayState, port: int, part: TcpPart) -> tuple[int, ...]:
+        """The listeners a TCP route of a port is on: its Services' shards, or every shard if it serves none."""
+        listeners = state.view.layout.listeners.get(port, ())
+        if len(listeners) <= 1:
+            return listeners
+        scope = state.view.scope
+        assert scope is not None
+        shards = set()
+        for fqdn in part.services:
+            parts = split_service_fqdn(fqdn, scope.domain)
+            if parts is not None:
+                shards.add(shard_of(service_key(*parts), len(listeners)))
+        return tuple(listeners[k] for k in sorted(shards)) if shards else listeners
 
     @staticmethod
     def _member(index: dict[Any, set[ObjectRef]], key: Any, ref: ObjectRef, add: bool) -> None:
@@ -724,8 +877,20 @@ class Translator:
                 routes = tuple(chain.from_iterable(p.routes for p in parts))
                 summary = reduce(operator.or_, (p.summary for p in parts))
             is_service = service is not None
+            # A Service is served by the listener of its shard; any other host (a literal name, `*`) may be asked
+            # for on any of them.
+            listeners = state.view.layout.listeners[port]
+            if service is not None and len(listeners) > 1:
+                shard_key = service_key(service.meta.namespace, service.meta.name)
+                listeners = (listeners[shard_of(shard_key, len(listeners))],)
             candidate = _Candidate(
-                routes, domains, (contribs[0].order, vkey), is_service, summary, contestable(domains, is_service)
+                routes,
+                domains,
+                (contribs[0].order, vkey),
+                is_service,
+                summary,
+                contestable(domains, is_service),
+                listeners,
             )
         old = state.candidates.get(group_key)
         if candidate == old:
@@ -734,53 +899,76 @@ class Translator:
             dirty.migration[key].add(vkey)
             if vkey == "*":
                 dirty.migration[key].update(state.wildcard_members)
-        old_domains = set(old.contested) if old else frozenset()
-        new_domains = set(candidate.contested) if candidate else frozenset()
-        for domain in old_domains - new_domains:
-            owners = state.domain_owners[(port, domain)]
-            owners.discard(vkey)
-            if not owners:
-                del state.domain_owners[(port, domain)]
-        for domain in new_domains - old_domains:
-            state.domain_owners[(port, domain)].add(vkey)
+        # Names are claimed per listener: two hosts only contest a name if one listener serves both. Usually the
+        # old and the new candidate are on the same (single) listener, and this loops once.
+        old_listeners = old.listeners if old is not None else ()
+        new_listeners = candidate.listeners if candidate is not None else ()
+        if not old_listeners or old_listeners == new_listeners:
+            listeners = new_listeners
+        elif not new_listeners:
+            listeners = old_listeners
+        else:
+            listeners = tuple(sorted({*old_listeners, *new_listeners}))
+        old_all = set(old.contested) if old else set()
+        new_all = set(candidate.contested) if candidate else set()
+        claims = []  # per listener: the names claimed before and now
+        for lp in listeners:
+            old_domains = old_all if lp in old_listeners else set()
+            new_domains = new_all if lp in new_listeners else set()
+            claims.append((lp, old_domains, new_domains))
+            for domain in old_domains - new_domains:
+                owners = state.domain_owners[(lp, domain)]
+                owners.discard(vkey)
+                if not owners:
+                    del state.domain_owners[(lp, domain)]
+            for domain in new_domains - old_domains:
+                state.domain_owners[(lp, domain)].add(vkey)
         if candidate is None:
             del state.candidates[group_key]
         else:
             state.candidates[group_key] = candidate
         # Who keeps each shared name: recomputed once per name whose claimants (or their ages) changed.
         rank_changed = old is not None and candidate is not None and old.rank != candidate.rank
-        touched = (old_domains | new_domains) if rank_changed else (old_domains ^ new_domains)
-        affected = {vkey}
-        for domain in touched:
-            owners = state.domain_owners.get((port, domain))
-            before = state.domain_winner.get((port, domain))
-            if not owners:
-                state.domain_winner.pop((port, domain), None)
-                continue
-            if len(owners) == 1:
-                (winner,) = owners
-            else:
-                winner = min(owners, key=lambda v: state.candidates[(port, v)].rank)
-            if winner != before:
-                state.domain_winner[(port, domain)] = winner
-                affected |= owners  # every claimant's share (and the owner its losers name) changes
+        for lp, old_domains, new_domains in claims:
+            touched = (old_domains | new_domains) if rank_changed else (old_domains ^ new_domains)
+            affected = {vkey}
+            for domain in touched:
+                owners = state.domain_owners.get((lp, domain))
+                before = state.domain_winner.get((lp, domain))
+                if not owners:
+                    state.domain_winner.pop((lp, domain), None)
+                    continue
+                if len(owners) == 1:
+                    (winner,) = owners
+                else:
+                    winner = min(owners, key=lambda v: state.candidates[(port, v)].rank)
+                if winner != before:
+                    state.domain_winner[(lp, domain)] = winner
+                    affected |= owners  # every claimant's share (and the owner its losers name) changes
+            dirty.finalize[key].update((lp, v) for v in affected)
         if group_key not in state.vhost_members:
             ports = state.vkey_ports.get(vkey)
             if ports is not None:
                 ports.discard(port)
                 if not ports:
                     del state.vkey_ports[vkey]
-        dirty.finalize[key].update((port, v) for v in affected)
 
     def _finalize_vhost(self, key: str, state: _GatewayState, group_key: tuple[int, str], dirty: _Dirty) -> None:
         """Turn a candidate into the virtual host Envoy gets; a domain two hosts claim goes to the older one.
 
-        The Host header is all the gateway sees: two Services both answering to `web` (from two namespaces)
-        cannot both be served on one port. The younger one keeps its qualified names and is not migrated, so
-        its clients keep reaching it directly.
+        The Host header is all a listener sees: two Services both answering to `web` (from two namespaces)
+        cannot both be served on one port (or, sharded, by one shard's listener). The younger one keeps its
+        qualified names and is not migrated, so its clients keep reaching it directly.
         """
-        port, vkey = group_key
-        candidate = state.candidates.get(group_key)
+        listener, vkey = group_key
+        layout = state.view.layout
+        if layout.shards == 1:  # listener port == server port
+            port, candidate = listener, state.candidates.get(group_key)
+        else:
+            port = layout.server_ports[listener]
+            candidate = state.candidates.get((port, vkey))
+            if candidate is not None and listener not in candidate.listeners:
+                candidate = None
         vhost = None
         had_caveat = state.domain_caveats.pop(group_key, None)
         lost: tuple[str, ...] = ()
@@ -788,7 +976,7 @@ class Translator:
             taken, winners = set(), set()
             winner_of = state.domain_winner
             for d in candidate.contested:
-                winner = winner_of[(port, d)]
+                winner = winner_of[(listener, d)]
                 if winner != vkey:
                     taken.add(d)
                     winners.add(winner)
@@ -802,7 +990,7 @@ class Translator:
                 if not candidate.service:
                     state.domain_caveats[group_key] = Caveat(
                         state.view.ig.ref,
-                        f"port {port}",
+                        _where(layout, listener),
                         f"host(s) {lost[0]} of {vkey} belong to the older {lost[1]} and are not routed here",
                     )
             if domains:
@@ -816,44 +1004,50 @@ class Translator:
             else:
                 state.lost_domains.pop(group_key, None)
             dirty.migration[key].add(vkey)
-        port_vhosts = state.vhosts[port]
-        if port_vhosts.get(vkey) == vhost:
+        listener_vhosts = state.vhosts[listener]
+        if listener_vhosts.get(vkey) == vhost:
             return
         if vhost is None:
-            port_vhosts.pop(vkey, None)
-            state.filters[port].pop(vkey, None)
+            listener_vhosts.pop(vkey, None)
+            state.filters[listener].pop(vkey, None)
             clusters: frozenset[str] = frozenset()
         else:
-            port_vhosts[vkey] = vhost
+            listener_vhosts[vkey] = vhost
             summary = candidate.summary
-            state.filters[port][vkey] = (summary.fault, summary.cors)
+            state.filters[listener][vkey] = (summary.fault, summary.cors)
             clusters = summary.clusters
-        self._set_group_clusters(key, state, ("vh", port, vkey), clusters, dirty)
-        dirty.ports[key].add(port)
+        self._set_group_clusters(key, state, ("vh", listener, vkey), clusters, dirty)
+        dirty.ports[key].add(listener)
 
-    def _tcp_group(self, key: str, state: _GatewayState, port: int, dirty: _Dirty) -> None:
+    def _tcp_group(self, key: str, state: _GatewayState, listener: int, dirty: _Dirty) -> None:
+        layout = state.view.layout
+        port = layout.server_ports[listener]
+        sharded = len(layout.listeners[port]) > 1
         entries = []
         for ref in state.tcp_members.get(port, ()):
             contrib = state.contribs[ref]
             part = contrib.tcp[port]
             if not contrib.explicit and any(state.explicit_members.get(f) for f in part.services):
                 continue
+            if sharded and listener not in self._tcp_listeners(state, port, part):
+                continue
             entries.append((contrib.order, part.index, ref, part))
         entries.sort(key=lambda e: (e[0], e[1], e[2]))
-        old = state.tcp_winners.get(port)
+        old = state.tcp_winners.get(listener)
         touched = set(old.part.services) if old else set()
-        group: GroupId = ("tcp", port)
+        group: GroupId = ("tcp", listener)
         conflicts: dict[ObjectRef, Rejection] = {}
         default_conflicts: dict[ObjectRef, Caveat] = {}
         if entries:
             _, _, ref, part = entries[0]
-            state.tcp_winners[port] = _TcpWinner(ref, part)
+            state.tcp_winners[listener] = _TcpWinner(ref, part)
             touched |= part.services
             gateway = state.view.ig.gateway
+            shard = f" ({_shard(layout, listener)})" if sharded else ""
             for _, _, loser, lost in entries[1:]:
                 touched |= lost.services
                 message = (
-                    f"TCP port {port} of Gateway {gateway} already carries {part.proxy.source} ({ref}); "
+                    f"TCP port {port}{shard} of Gateway {gateway} already carries {part.proxy.source} ({ref}); "
                     "a TCP port has one destination"
                 )
                 if loser.kind == "VirtualService":
@@ -862,7 +1056,7 @@ class Translator:
                     default_conflicts[loser] = Caveat(loser, "", f"not migrated by namespaceSelector: {message}")
             clusters = frozenset(c.cluster for c in part.proxy.clusters)
         else:
-            state.tcp_winners.pop(port, None)
+            state.tcp_winners.pop(listener, None)
             clusters = frozenset()
         for ref in set(state.conflicts.get(group, {})) | set(conflicts):
             dirty.outcomes[key].add(ref)
@@ -873,7 +1067,7 @@ class Translator:
         _store(state.default_conflicts, group, default_conflicts)
         dirty.migration[key].update(touched)
         self._set_group_clusters(key, state, group, clusters, dirty)
-        dirty.ports[key].add(port)
+        dirty.ports[key].add(listener)
 
     def _migration(self, key: str, state: _GatewayState, fqdn: str, dirty: _Dirty) -> None:
         """A Service moves only if every one of its ports is served by its own routes on this gateway."""
@@ -884,29 +1078,37 @@ class Translator:
         )
         sources = [c for c in sources if c.accepted]
         problem, service = "", None
-        if sources:
+        layout = state.view.layout
+        if sources and layout.problem:
+            service = sources[0].migrates[fqdn]
+            problem = f"the gateway's shard Services are not usable: {layout.problem}"
+        elif sources:
             service = sources[0].migrates[fqdn]
             scope = state.view.scope
             assert scope is not None
             wildcard = any(fqdn in c.wildcard_migrates for c in sources)
+            shard_key = service_key(service.meta.namespace, service.meta.name)
+            sharded = layout.shards > 1
             for sp in service.ports:
+                listener = layout.listener(sp.port, shard_key) if sharded else sp.port
                 if scope.port_kinds.get(sp.port) == "http":
-                    lost = state.lost_domains.get((sp.port, fqdn))
+                    lost = state.lost_domains.get((listener, fqdn))
                     if lost:
                         problem = (
-                            f"on port {sp.port} its name(s) {lost[0]} belong to {lost[1]} (older); the gateway "
-                            "cannot tell their clients apart, so it stays direct"
+                            f"on {_where(layout, listener)} its name(s) {lost[0]} belong to {lost[1]} (older); the "
+                            "gateway cannot tell their clients apart, so it stays direct"
                         )
                     elif (sp.port, fqdn) in state.candidates or (wildcard and (sp.port, "*") in state.candidates):
                         continue
                     else:
                         problem = f"port {sp.port} has no HTTP route for {fqdn} on Gateway {scope.gateway}"
                 else:
-                    winner = state.tcp_winners.get(sp.port)
+                    winner = state.tcp_winners.get(listener)
                     if winner is not None and fqdn in winner.part.services:
                         continue
                     holder = f" (it carries {winner.part.proxy.source})" if winner is not None else ""
-                    problem = f"TCP port {sp.port} of Gateway {scope.gateway} does not route to {fqdn}{holder}"
+                    shard = f" ({_shard(layout, listener)})" if sharded else ""
+                    problem = f"TCP port {sp.port}{shard} of Gateway {scope.gateway} does not route to {fqdn}{holder}"
                 break
         was = state.migrated.get(fqdn)
         old_problem = state.unmigrated.get(fqdn)
@@ -1002,25 +1204,27 @@ class Translator:
 
     # ================================================================================ listeners
 
-    def _listener(self, state: _GatewayState, port: int) -> None:
-        name = f"0.0.0.0_{port}"
+    def _listener(self, state: _GatewayState, listener: int) -> None:
+        """The Envoy listener bound to a listener port (the server port itself unless sharded)."""
+        name = f"0.0.0.0_{listener}"
         scope = state.view.scope
-        kind = scope.port_kinds.get(port) if scope is not None else None
+        port = state.view.layout.server_ports.get(listener)
+        kind = scope.port_kinds.get(port) if scope is not None and port is not None else None
         if kind == "http":
-            route_name = f"http.{port}"
-            state.route_configs[route_name] = RouteConfig(route_name, state.vhosts[port].publish())
-            flags = state.filters.get(port, {}).values()
+            route_name = f"http.{listener}"
+            state.route_configs[route_name] = RouteConfig(route_name, state.vhosts[listener].publish())
+            flags = state.filters.get(listener, {}).values()
             filters = tuple(
                 f for f, used in (("cors", any(c for _, c in flags)), ("fault", any(f for f, _ in flags))) if used
             )
-            state.listeners[name] = Listener(name, port, "HTTP", route_config=route_name, http_filters=filters)
+            state.listeners[name] = Listener(name, listener, "HTTP", route_config=route_name, http_filters=filters)
             return
-        winner = state.tcp_winners.get(port) if kind == "tcp" else None
+        winner = state.tcp_winners.get(listener) if kind == "tcp" else None
         if winner is None:
             state.listeners.pop(name, None)
             return
         state.listeners[name] = Listener(
-            name, port, "TCP", tcp=TcpProxy(winner.part.proxy.clusters, winner.part.proxy.source)
+            name, listener, "TCP", tcp=TcpProxy(winner.part.proxy.clusters, winner.part.proxy.source)
         )
 
     # ============================================================================= names (DNS + redirects)
@@ -1051,19 +1255,24 @@ class Translator:
                 self._redirects.pop(rkey, None)
             if owner is None:
                 continue
-            addressing = self._states[owner[1]].view.addressing
+            view = self._states[owner[1]].view
+            addressing, layout = view.addressing, view.layout
             assert addressing is not None
             service: Service = owner[2]
-            if addressing.dns_mode != "none" and addressing.addresses:
-                self._dns[fqdn] = DnsRecord(
-                    fqdn, addressing.addresses, addressing.ttl, owner[1], addressing.dns_mode, addressing.target
-                )
+            shard_key = service_key(service.meta.namespace, service.meta.name)
+            addresses, target = addressing.addresses, addressing.target
+            if addressing.shards:  # the shard Service of this Service's shard
+                addresses, target = addressing.shards[shard_of(shard_key, len(addressing.shards))]
+            if addressing.dns_mode != "none" and addresses:
+                self._dns[fqdn] = DnsRecord(fqdn, addresses, addressing.ttl, owner[1], addressing.dns_mode, target)
             if addressing.redirect_mode != "none" and addressing.backends:
                 keys = []
                 for ip in service.cluster_ips:
                     v6 = is_ipv6(ip)
                     for sp in service.ports:
-                        backends = _backends(addressing.backends, v6, sp.port)
+                        # the port itself, or sharded, the listener port of (port, shard)
+                        listener = layout.listener(sp.port, shard_key) if addressing.shards else sp.port
+                        backends = _backends(addressing.backends, v6, listener)
                         if not backends:
                             break
                         rkey = RedirectKey(ip, "tcp", sp.port)
@@ -1261,6 +1470,37 @@ class Translator:
 def _backends(addresses: tuple[str, ...], v6: bool, port: int) -> tuple[Backend, ...]:
     """The gateway pods of one address family on one port; shared by every rule that redirects there."""
     return tuple(Backend(a, port) for a in addresses if is_ipv6(a) == v6)
+
+
+def _shard(layout: ShardLayout, listener: int) -> str:
+    return f"shard {layout.shard_index[listener]}, listener port {listener}"
+
+
+def _where(layout: ShardLayout, listener: int) -> str:
+    """A listener as status names it: its server port, and its shard when the gateway is sharded."""
+    port = layout.server_ports[listener]
+    return f"port {port}" if layout.shards <= 1 else f"port {port} ({_shard(layout, listener)})"
+
+
+def _listed(items: list[str], limit: int = 8) -> str:
+    """A list for a status message, bounded: 256 broken shards should not make a 256-item sentence."""
+    if len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} and {len(items) - limit} more"
+
+
+def _runs(numbers: tuple[int, ...]) -> str:
+    """Ports as runs: 20000-20031 rather than 32 numbers."""
+    out: list[str] = []
+    start = prev = None
+    for n in (*numbers, None):
+        if start is not None and n == prev + 1:
+            prev = n
+            continue
+        if start is not None:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = n
+    return ", ".join(out)
 
 
 def _store(target: dict[Any, dict], group: Any, entries: dict) -> None:

@@ -170,20 +170,63 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     show_default=True,
     help="Seconds between checks of the files for changes.",
 )
+@click.option(
+    "--dns-address",
+    callback=lambda ctx, param, value: _address(ctx, param, value) if value else None,
+    metavar="HOST:PORT",
+    help="Also serve the migrated Services' names (UDP and TCP), e.g. 127.0.0.1:15353. Off by default.",
+)
+@click.option(
+    "--dns-upstream",
+    "dns_upstreams",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Where other names are forwarded. Repeatable; default: the nameservers of /etc/resolv.conf.",
+)
+@click.option(
+    "--dns-forward/--no-dns-forward",
+    default=True,
+    show_default=True,
+    help="Forward names Canal does not own, or answer them REFUSED.",
+)
 def run(
-    paths: tuple[str, ...], xds_address: str, metrics_address: str, quiet_period: float, max_delay: float, poll: float
+    paths: tuple[str, ...],
+    xds_address: str,
+    metrics_address: str,
+    quiet_period: float,
+    max_delay: float,
+    poll: float,
+    dns_address: str | None,
+    dns_upstreams: tuple[str, ...],
+    dns_forward: bool,
 ) -> None:
     """Serve the desired state of the objects in PATH over xDS, and follow edits to the files.
 
-    A file-backed control plane: no cluster needed. Point gateway Envoys at it with `canal bootstrap`. A file
-    that stops parsing keeps its last good content. Stops cleanly on SIGTERM or Ctrl-C.
+    A file-backed control plane: no cluster needed. Point gateway Envoys at it with `canal bootstrap`, and
+    clients at --dns-address to resolve migrated names to the gateway. A file that stops parsing keeps its last
+    good content. Stops cleanly on SIGTERM or Ctrl-C.
     """
     # grpc and the Envoy protos take a noticeable time to import; only the serving commands pay for them
+    from canal.dns.coredns import parse_address  # noqa: PLC0415
     from canal.run import RunOptions, serve  # noqa: PLC0415
 
     if max_delay < quiet_period:
         raise click.BadParameter("--max-delay must be at least --quiet-period")
-    options = RunOptions(list(paths), xds_address, metrics_address, quiet_period, max_delay, poll)
+    try:
+        upstreams = [parse_address(u) for u in dns_upstreams] if dns_upstreams else None
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--dns-upstream") from None
+    options = RunOptions(
+        list(paths),
+        xds_address,
+        metrics_address,
+        quiet_period,
+        max_delay,
+        poll,
+        dns_address=dns_address,
+        dns_upstreams=upstreams,
+        dns_forward=dns_forward,
+    )
     try:
         asyncio.run(serve(options))
     except OSError as err:
@@ -340,7 +383,9 @@ def apply(
     from canal.dns.corefile import render_corefile, strip_canal_block  # noqa: PLC0415
 
     ref = _configmap_ref(configmap, key)
-    server = _dns_address(verify_address) if verify_address else None
+    if verify_address:
+        _dns_address(verify_address)  # a usage error before anything is written
+    server = verify_address
     _, state = _translate(paths)
     records = _coredns_records(state.dns)
     writer = coredns.CorefileWriter(

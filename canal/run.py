@@ -1,9 +1,11 @@
-"""`canal run`: the file-backed control plane. Watches YAML files, translates incrementally, serves xDS.
+"""`canal run`: the file-backed control plane. Watches YAML files, translates incrementally, serves xDS and,
+when asked, the DNS records of the migrated Services (Canal's own DNS server).
 
 The imperative shell around the pure parts: files are polled (cheap stat calls; no platform-specific watcher),
 each change is turned into upserts and deletes for the Translator, and the result goes through the coalescing
 publisher to the xDS server. A file that stops parsing keeps its last good content, so a typo never withdraws
-routes.
+routes. DNS records are swapped in the DNS server in place at the same moment the publisher flushes, so names
+and routes change together.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from canal.desired import DesiredState
+from canal.dns.metrics import DnsMetrics
+from canal.dns.server import DnsServer, system_upstreams
 from canal.files import LoadError, expand_paths, parse_text
 from canal.model.base import ObjectRef, Rejection
 from canal.observe import Endpoints
@@ -102,6 +106,9 @@ class RunOptions:
     quiet: float = DEFAULT_QUIET
     max_delay: float = DEFAULT_MAX_DELAY
     poll: float = 1.0
+    dns_address: str | None = None  # None: no DNS server
+    dns_upstreams: list[tuple[str, int]] | None = None  # None: the machine's resolvers (/etc/resolv.conf)
+    dns_forward: bool = True
 
 
 class ControlPlane:
@@ -112,19 +119,36 @@ class ControlPlane:
         self.registry = CollectorRegistry()
         self.cache = SnapshotCache()
         self.server = XdsServer(self.cache, XdsMetrics(self.registry))
-        self.publisher = Publisher(self.cache, quiet=options.quiet, max_delay=options.max_delay)
+        self.publisher = Publisher(
+            self.cache, quiet=options.quiet, max_delay=options.max_delay, on_publish=self._published
+        )
         self.translator = Translator()
         self.source = FileSource(options.paths)
         self.endpoints = Endpoints(self.registry, self.ready, self.status)
+        self.dns = self._dns_server() if options.dns_address else None
         self.state = DesiredState()
         self._rejections: set[Rejection] = set()
         self._stop = asyncio.Event()
 
+    def _dns_server(self) -> DnsServer:
+        upstreams = self.options.dns_upstreams
+        if upstreams is None:
+            upstreams = system_upstreams() if self.options.dns_forward else []
+        return DnsServer(upstreams=upstreams, forward=self.options.dns_forward, metrics=DnsMetrics(self.registry))
+
     def ready(self) -> bool:
-        return self.server.port != 0 and self.publisher.published.is_set()
+        dns_ready = self.dns is None or self.dns.port != 0
+        return self.server.port != 0 and self.publisher.published.is_set() and dns_ready
 
     def status(self) -> dict[str, Any]:
-        return {"xds": self.server.status(), "rejections": [str(r) for r in sorted(self._rejections)]}
+        out = {"xds": self.server.status(), "rejections": [str(r) for r in sorted(self._rejections)]}
+        if self.dns is not None:
+            out["dns"] = {
+                "names": len(self.dns.table),
+                "forward": self.dns.forward,
+                "upstreams": [f"{host}:{port}" for host, port in self.dns.upstreams],
+            }
+        return out
 
     def reload(self, *, initial: bool = False) -> bool:
         changes = self.source.poll()
@@ -140,10 +164,19 @@ class ControlPlane:
         self.publisher.submit(self.state)
         return True
 
+    def _published(self, state: DesiredState) -> None:
+        if self.dns is not None and self.dns.update(state.dns):
+            log.info("dns: serving %d name(s)", len(self.dns.table))
+
     async def start(self) -> None:
         self.reload(initial=True)
         self.publisher.flush()  # the first state is served at once, not after a quiet period
         await self.server.start(self.options.xds_address)
+        if self.dns is not None:
+            assert self.options.dns_address is not None
+            host, port = split_address(self.options.dns_address)
+            await self.dns.start(host, port)
+            log.info("dns server on %s (port %d)", self.options.dns_address, self.dns.port)
         host, port = split_address(self.options.metrics_address)
         await self.endpoints.start(host, port)
 
@@ -163,6 +196,8 @@ class ControlPlane:
 
     async def close(self) -> None:
         await self.endpoints.stop()
+        if self.dns is not None:
+            await self.dns.stop()
         await self.server.stop()
 
 

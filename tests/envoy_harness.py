@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -170,7 +170,7 @@ class Process:
 class ControlPlane(Process):
     """`canal run` on a directory of manifests."""
 
-    def __init__(self, workdir: Path, xds_port: int | None = None) -> None:
+    def __init__(self, workdir: Path, xds_port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.manifests = workdir / "manifests"
         self.manifests.mkdir(exist_ok=True)
@@ -193,6 +193,7 @@ class ControlPlane(Process):
                 "0.02",
                 "--max-delay",
                 "0.2",
+                *extra_args,
             ],
             workdir / f"canal-{self.xds_port}.log",
         )

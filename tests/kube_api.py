@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -791,6 +792,19 @@ class KubeApiServer:
         """An official ApiClient pointed at this server (no auth, no TLS). Close it when done."""
         configuration = client.Configuration(host=self.url)
         return client.ApiClient(configuration)
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig for this server, for code that loads one the way users do (the `canal` commands)."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+            "current-context": "test",
+        }
+        path.write_text(json.dumps(config))  # JSON is YAML: no YAML dependency for the test server
+        return path
 
     def register(self, rtype: ResourceType) -> None:
         self.store.register(rtype)

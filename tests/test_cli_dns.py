@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from tests.conftest import ROOT, run_canal
 from tests.kube_api import KubeApiServer
 
@@ -22,20 +20,7 @@ TTL_RULE = f"rewrite continue ttl exact {NAME} 5"
 
 
 def kubeconfig(tmp_path: Path, server: KubeApiServer) -> str:
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "test", "cluster": {"server": server.url}}],
-                "users": [{"name": "test", "user": {}}],
-                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
-                "current-context": "test",
-            }
-        )
-    )
-    return str(path)
+    return str(server.write_kubeconfig(tmp_path / "kubeconfig"))
 
 
 def seed(server: KubeApiServer, corefile: str = KUBEADM) -> None:

@@ -27,7 +27,7 @@ from tests.test_shards import namespace_on
 
 
 class ShardedWorld:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, delta: bool) -> None:
         self.port = free_port()  # the Gateway server port and every Service's port; nothing binds it
         self.listeners = [free_port(), free_port()]  # shard 0's and shard 1's listener for that port
         self.backend_port = free_port()
@@ -39,9 +39,10 @@ class ShardedWorld:
         self.backends = self._backends.__enter__()
         self.plane = ControlPlane(tmp)
         self.plane.write("base", self.objects())
-        self.envoy = Envoy(tmp, self.plane.xds_port, delta=True)
+        self.envoy = Envoy(tmp, self.plane.xds_port, delta=delta)
 
-    def objects(self) -> list[dict]:
+    def objects(self, redirect_old_in: str = "") -> list[dict]:
+        """`redirect_old_in`: that namespace's web also redirects /old to /new (a change to one shard only)."""
         objs = [
             gateway(servers=[(self.port, "HTTP")]),
             internal_gateway(service_ref="canal-gateway", shards=2, redirect={"mode": "none"}),
@@ -52,9 +53,10 @@ class ShardedWorld:
             objs.append(service("web", ns, ports=[(self.port, "http")], ip=f"10.96.1.{i + 1}"))
             objs.append(endpoint_slice("web", ns, endpoints=[(ip, "web-0")], ports=[("http", self.backend_port)]))
             objs.append(pod("web-0", ns, ip, app="web"))
-            objs.append(
-                virtual_service("web", ns, http=[{"route": [route("web")]}], created=f"2024-0{i + 1}-01T00:00:00Z")
-            )
+            http = [{"route": [route("web")]}]
+            if ns == redirect_old_in:
+                http.insert(0, {"match": [{"uri": {"prefix": "/old"}}], "redirect": {"uri": "/new"}})
+            objs.append(virtual_service("web", ns, http=http, created=f"2024-0{i + 1}-01T00:00:00Z"))
         return objs
 
     def close(self) -> None:
@@ -63,9 +65,9 @@ class ShardedWorld:
         self._backends.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = ShardedWorld(tmp_path_factory.mktemp("shards"))
+@pytest.fixture(scope="module", params=["sotw", "delta"])
+def world(request, tmp_path_factory):
+    w = ShardedWorld(tmp_path_factory.mktemp(f"shards-{request.param}"), delta=request.param == "delta")
     yield w
     w.close()
 
@@ -93,3 +95,20 @@ def test_envoy_has_one_listener_and_route_configuration_per_shard(world):
     dump = json.loads(world.envoy.admin("/config_dump?resource=dynamic_route_configs"))
     names = {c["route_config"]["name"] for c in dump["configs"]}
     assert names == {f"http.{listener}" for listener in world.listeners}
+
+
+def test_a_change_to_one_shard_reaches_envoy_and_leaves_the_other_alone(world):
+    """An edit of one namespace's VirtualService changes its shard's route configuration only (in SotW too, where
+    the response carries just that one); the other shard keeps serving unchanged."""
+    wait_for(world.plane.converged, what="convergence")
+    stat = f"http.0.0.0.0_{world.listeners[0]}.rds.http.{world.listeners[0]}.update_success"
+    before = world.envoy.admin(f"/stats?filter={stat}")
+    assert "update_success: " in before, before
+    world.plane.write("base", world.objects(redirect_old_in=world.namespaces[1]))
+    wait_for(lambda: request(world.listeners[1], "/old", "web").status == 301, what="the redirect on shard 1")
+    assert request(world.listeners[1], "/old", "web").headers["location"].endswith("/new")
+    assert request(world.listeners[0], "/old", "web").status == 200  # shard 0 has no such route
+    wait_for(world.plane.converged, what="convergence")
+    assert world.envoy.admin(f"/stats?filter={stat}") == before  # shard 0's route configuration was not updated
+    world.plane.write("base", world.objects())
+    wait_for(lambda: request(world.listeners[1], "/old", "web").status == 200, what="the redirect to go")

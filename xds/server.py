@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 from canal.xds.cache import Resource, Snapshot, SnapshotCache, type_version
 from canal.xds.metrics import XdsMetrics
-from canal.xds.types import CLUSTER, ENDPOINT, LISTENER, REDIRECT, ROUTE, SHORT, group_of
+from canal.xds.types import CLUSTER, ENDPOINT, FULL_STATE_TYPES, LISTENER, REDIRECT, ROUTE, SHORT, group_of
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format
@@ -267,13 +267,29 @@ class _SotwStream(_Stream):
             forced = type_url == ENDPOINT and bool(self.force_endpoints & wanted.keys())
             if (version == state.sent_version and not forced) or version == state.nacked_version:
                 continue
+            body = wanted
+            if type_url not in FULL_STATE_TYPES:
+                # RDS and EDS are incremental in SotW too: what a response leaves out is unchanged, not removed.
+                # Sending only what differs from what the client holds spares Envoy re-reading every route
+                # configuration (64 of them on a sharded gateway) and every endpoint set on each change.
+                body = {
+                    name: resource
+                    for name, resource in wanted.items()
+                    if (held := state.acked.get(name)) is None
+                    or held.version != resource.version
+                    or (type_url == ENDPOINT and name in self.force_endpoints)
+                }
+                if not body:  # only unsubscribed or vanished names: the client already holds the rest
+                    state.sent = state.acked = dict(wanted)
+                    state.sent_version = version
+                    continue
             if type_url == CLUSTER:
                 self.clusters_sent(state.sent, wanted)
             if type_url == ENDPOINT:
                 self.force_endpoints -= wanted.keys()
             state.nonce = self.nonce()
             state.sent, state.sent_version, state.waiting = wanted, version, False
-            ordered = [wanted[name] for name in sorted(wanted)]
+            ordered = [body[name] for name in sorted(body)]
             out.append(
                 discovery_pb2.DiscoveryResponse(
                     version_info=version,

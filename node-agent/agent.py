@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.applies = Counter(
             "canal_node_agent_applies",
             "Rule applies by result (ok, error) and kind (full, delta, none).",
@@ -275,11 +276,13 @@ async def _resync(agent: Agent, lock: asyncio.Lock, period: float) -> None:
             log.error("resync: %s", error)
 
 
-async def run_agent(dataplane: Dataplane, options: AgentOptions) -> int:
-    """Runs until SIGTERM/SIGINT (or, with --once, until the first apply). Returns the exit status."""
-    registry = CollectorRegistry()
-    agent = Agent(dataplane, AgentMetrics(registry), options.rules_file or f"xds://{options.xds_address}")
-    endpoints = Endpoints(registry, lambda: agent.ready, agent.status)
+async def run_agent(dataplane: Dataplane, options: AgentOptions, agent: Agent | None = None) -> int:
+    """Runs until SIGTERM/SIGINT (or, with --once, until the first apply). Returns the exit status.
+    ``agent``: one built by the caller (tests read its state); by default a new one with its own registry."""
+    if agent is None:
+        source = options.rules_file or f"xds://{options.xds_address}"
+        agent = Agent(dataplane, AgentMetrics(CollectorRegistry()), source)
+    endpoints = Endpoints(agent.metrics.registry, lambda: agent.ready, agent.status)
     if options.metrics_address is not None:
         await endpoints.start(*options.metrics_address)
     lock = asyncio.Lock()

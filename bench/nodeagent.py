@@ -187,9 +187,7 @@ def main() -> int:
         )
         if ratio > TARGET_FULL_RATIO:
             missed.append(f"full apply at {count}: {ratio:.2f}x the floor (target {TARGET_FULL_RATIO}x)")
-    print(
-        "\n| rules | one change: floor (nft -f of the delta) | Canal update (xDS path) | Canal apply (file path: diff) |"
-    )
+    print("\n| rules | one change: floor (nft -f of the delta) | Canal update (xDS) | Canal apply (file: diff) |")
     print("|---:|---:|---:|---:|")
     for count, r in results.items():
         print(

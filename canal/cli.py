@@ -465,7 +465,7 @@ def restore(kubeconfig: str | None, context: str | None, configmap: str, key: st
 )
 @click.option(
     "--priority",
-    type=click.IntRange(-400, 0),
+    type=click.IntRange(-400, -101),
     default=-110,
     show_default=True,
     help="nftables nat hook priority; must stay below kube-proxy's -100 so Canal's DNAT wins.",

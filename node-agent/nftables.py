@@ -383,10 +383,18 @@ class NftablesDataplane:
         """None when the table does not exist; LayoutMismatch when it exists in another shape."""
         result = self._run(["-j", "list", "table", family, self.table])
         if result.returncode != 0:
-            if "No such file or directory" in result.stderr:
+            if _missing(result.stderr):
                 return None
             raise ApplyError(f"nft list table {family} {self.table} failed: {_first_lines(result.stderr)}")
         return parse_listing(result.stdout, self.table, family, self.priority)
+
+    def _exists(self, family: str) -> bool:
+        result = self._run(["list", "table", family, self.table])
+        if result.returncode == 0:
+            return True
+        if _missing(result.stderr):
+            return False
+        raise ApplyError(f"nft list table {family} {self.table} failed: {_first_lines(result.stderr)}")
 
     def _read(self) -> dict[str, FamilyState | None]:
         """family -> state; a table in another layout is marked _FOREIGN, to be replaced whole."""
@@ -497,7 +505,7 @@ class NftablesDataplane:
         return self.apply(rules)
 
     def cleanup(self) -> bool:
-        present = [f for f in FAMILIES if self._run(["list", "table", f, self.table]).returncode == 0]
+        present = [f for f in FAMILIES if self._exists(f)]
         if present:
             self._transaction("".join(render_delete(self.table, f) for f in present))
         self._state = dict.fromkeys(FAMILIES)
@@ -509,6 +517,20 @@ def _as_full(table: str, after: Mapping[str, FamilyState | None], priority: int)
     return "".join(
         render_table(table, family, state, priority) if state is not None else render_delete(table, family)
         for family, state in after.items()
+    )
+
+
+_MISSING_TABLE = ("Error: No such file or directory", "Error: Could not process rule: No such file or directory")
+
+
+def _missing(stderr: str) -> bool:
+    """nft's own "no such table" (not a failure to run nft at all, e.g. `ip netns exec` into a missing namespace,
+    whose message also ends in "No such file or directory")."""
+    return any(
+        line.startswith(
+            ("Error: No such file or directory", "Error: Could not process rule: No such file or directory")
+        )
+        for line in stderr.splitlines()
     )
 
 

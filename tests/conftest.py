@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import yaml
 from canal.snapshot import Snapshot
 from canal.translate import translate
 from tests.kube_api import kube_api_fixture, kube_client_fixture  # noqa: F401 (fixtures kube_api, kube_client)
+from tests.netns import need_netns
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -45,3 +48,15 @@ def run_canal(*args: str, stdin: str | None = None, env: dict | None = None) -> 
 @pytest.fixture
 def helloworld_dir() -> Path:
     return EXAMPLES / "helloworld"
+
+
+@pytest.fixture
+def scratch_nft() -> Iterator[tuple[str, ...]]:
+    """A bare network namespace for nftables tests; yields the nft command prefix that runs in it (root only)."""
+    need_netns()
+    name = f"canal-scratch-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        yield ("ip", "netns", "exec", name, "nft")
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)

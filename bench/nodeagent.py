@@ -5,13 +5,14 @@ ClusterIP:port -> the gateway pods), sized to `--rules` (default 1,000 and 10,00
 network namespace this script creates (the process enters it, so no `ip netns exec` per command) and removes.
 
 Per size, `--rounds` interleaved rounds, medians reported:
-- full apply, from no table: Canal (`NftablesDataplane.apply`: reads the kernel back, renders, one `nft -f -`)
-  next to the floor, `nft -f` of a file holding exactly the text Canal sends (written before the clock starts);
+- full apply, from no table: Canal (`NftablesDataplane.apply`: reads the kernel back, renders, one transaction
+  through libnftables in-process, the default; and the same with `--nft-binary`, one `nft -f -`) next to the
+  floor, `nft -f` of a file holding exactly the text Canal sends (written before the clock starts);
 - restart: a new dataplane applying the same rules onto the table already there (reads it back with `nft -j`,
   parses, finds nothing to do): what a restarted agent costs;
 - one change at the full size (a rule moved to another backend set, then back): Canal's `update` (what the xDS
-  path calls), Canal's `apply` of the whole changed set (what the file path calls: a diff over every rule), and
-  the floor, `nft -f` of the same element-level transaction.
+  path calls; in-process and with the binary), Canal's `apply` of the whole changed set (what the file path
+  calls: a diff over every rule), and the floor, `nft -f` of the same element-level transaction.
 After each Canal apply, the table is read back with a fresh dataplane and compared with the rules (`--verify`, on
 by default), so a fast but wrong apply cannot pass.
 
@@ -122,12 +123,19 @@ def bench_size(rules: dict[RedirectKey, RedirectRule], rounds: int, check: bool,
         drop_table()
         sample("floor full", clock(lambda: nft(["-f", str(full_file)])))
         drop_table()
-        dataplane = NftablesDataplane(TABLE)
+        binary = NftablesDataplane(TABLE, command=("nft",))
+        sample("canal full (binary)", clock(lambda dp=binary: dp.apply(rules)))
+        if check:
+            verify(rules)
+        drop_table()
+        dataplane = NftablesDataplane(TABLE)  # libnftables in-process, the default
         sample("canal full", clock(lambda dp=dataplane: dp.apply(rules)))
         if check:
             verify(rules)
         restarted = NftablesDataplane(TABLE)
         sample("canal restart", clock(lambda dp=restarted: dp.apply(rules)))
+        binary = NftablesDataplane(TABLE, command=("nft",))
+        binary.apply(rules)  # reads the table back: the same state as `dataplane`
         # one change, three ways; each pair (forth, back) leaves the table as it was
         for _ in range(5):
             sample("floor change", clock(lambda: nft(["-f", str(forth_file)])))
@@ -138,10 +146,16 @@ def bench_size(rules: dict[RedirectKey, RedirectRule], rounds: int, check: bool,
             sample("canal update", clock(lambda dp=dataplane: dp.update({key: first})))
             sample("canal apply (diff)", clock(lambda dp=dataplane: dp.apply(changed_rules)))
             sample("canal apply (diff)", clock(lambda dp=dataplane: dp.apply(rules)))
+            sample("canal update (binary)", clock(lambda dp=binary: dp.update({key: moved})))
+            sample("canal update (binary)", clock(lambda dp=binary: dp.update({key: first})))
         if check:
             verify(rules)
     drop_table()
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds >= 0.001 else f"{seconds * 1000:.2f} ms"
 
 
 def _tail(rule: RedirectRule) -> tuple[str, str, str]:
@@ -176,23 +190,30 @@ def main() -> int:
     print(f"Machine: {yaml.safe_dump(workload.machine(), default_flow_style=True).strip()}")
     print(f"nft: {subprocess.run(['nft', '--version'], capture_output=True, text=True, check=False).stdout.strip()}")
     print(f"Command: {' '.join(sys.argv)} (rounds: {args.rounds}; medians)\n")
-    print("| rules | floor: nft -f (full) | Canal full apply | ratio | Canal restart (read back, no change) |")
-    print("|---:|---:|---:|---:|---:|")
+    print(
+        "| rules | floor: nft -f (full) | Canal full apply | ratio | Canal with --nft-binary | ratio "
+        "| Canal restart (read back, no change) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     missed = []
     for count, r in results.items():
         ratio = r["canal full"] / r["floor full"]
+        binary_ratio = r["canal full (binary)"] / r["floor full"]
         print(
-            f"| {count:,} | {r['floor full'] * 1000:.1f} ms | {r['canal full'] * 1000:.1f} ms | {ratio:.2f}x "
-            f"| {r['canal restart'] * 1000:.1f} ms |"
+            f"| {count:,} | {ms(r['floor full'])} | {ms(r['canal full'])} | {ratio:.2f}x "
+            f"| {ms(r['canal full (binary)'])} | {binary_ratio:.2f}x | {ms(r['canal restart'])} |"
         )
         if ratio > TARGET_FULL_RATIO:
             missed.append(f"full apply at {count}: {ratio:.2f}x the floor (target {TARGET_FULL_RATIO}x)")
-    print("\n| rules | one change: floor (nft -f of the delta) | Canal update (xDS) | Canal apply (file: diff) |")
-    print("|---:|---:|---:|---:|")
+    print(
+        "\n| rules | one change: floor (nft -f of the delta) | Canal update | Canal apply (whole set, diffed) "
+        "| Canal update with --nft-binary |"
+    )
+    print("|---:|---:|---:|---:|---:|")
     for count, r in results.items():
         print(
-            f"| {count:,} | {r['floor change'] * 1000:.1f} ms | {r['canal update'] * 1000:.1f} ms "
-            f"| {r['canal apply (diff)'] * 1000:.1f} ms |"
+            f"| {count:,} | {ms(r['floor change'])} | {ms(r['canal update'])} | {ms(r['canal apply (diff)'])} "
+            f"| {ms(r['canal update (binary)'])} |"
         )
     biggest = results[max(results)]
     if biggest["canal update"] * 1000 > TARGET_CHANGE_MS:

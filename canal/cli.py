@@ -470,6 +470,11 @@ def restore(kubeconfig: str | None, context: str | None, configmap: str, key: st
     show_default=True,
     help="nftables nat hook priority; must stay below kube-proxy's -100 so Canal's DNAT wins.",
 )
+@click.option(
+    "--nft-binary",
+    is_flag=True,
+    help="Run the nft binary per change instead of libnftables in-process (slower: see BENCHMARKS.md).",
+)
 @click.option("--once", is_flag=True, help="Apply once and exit (with --xds-address: the first update).")
 @click.option("--cleanup", is_flag=True, help="Remove every rule and table Canal owns on this node, and exit.")
 @click.option(
@@ -506,6 +511,7 @@ def node_agent(
     backend: str,
     table_name: str,
     priority: int,
+    nft_binary: bool,
     once: bool,
     cleanup: bool,
     metrics_address: str,
@@ -535,7 +541,7 @@ def node_agent(
         else:
             from canal.nodeagent.nftables import NftablesDataplane  # noqa: PLC0415
 
-            dataplane = NftablesDataplane(table=table_name, priority=priority)
+            dataplane = NftablesDataplane(table=table_name, priority=priority, command=("nft",) if nft_binary else None)
         if cleanup:
             removed = dataplane.cleanup()
             click.echo(f"{backend}: {'removed what Canal owned' if removed else 'nothing of Canal was installed'}")

@@ -24,14 +24,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import shutil
-import subprocess
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from canal.nodeagent.dataplane import ApplyError, ApplyResult, Installed, UnsupportedError
+from canal.nodeagent.dataplane import ApplyError, ApplyResult, Installed
+from canal.nodeagent.nftexec import Runner, default_runner
 from canal.nodeagent.rules import Rules
 
 from canal.desired import Backend, RedirectKey, RedirectRule
@@ -86,16 +86,24 @@ def build_state(rules: Mapping[RedirectKey, tuple[Backend, ...]]) -> FamilyState
     elements: dict[RedirectKey, str] = {}
     chains: dict[str, tuple[str, tuple[Backend, ...]]] = {}
     refs: dict[str, int] = {}
+    names: dict[tuple[int, str], str] = {}  # by id(): rules share their backends tuple, hashing it is not free
     for key, backends in rules.items():
-        name = chain_name(key.protocol, backends)
+        name = names.get((id(backends), key.protocol))
+        if name is None:
+            name = names[(id(backends), key.protocol)] = chain_name(key.protocol, backends)
         elements[key] = name
         chains[name] = (key.protocol, backends)
         refs[name] = refs.get(name, 0) + 1
     return FamilyState(elements, chains, refs, _gateways(chains))
 
 
-def backends_of(rules: Rules) -> dict[RedirectKey, tuple[Backend, ...]]:
-    return {key: rule.backends for key, rule in rules.items()}
+def backends_of(rules: Rules) -> dict[str, dict[RedirectKey, tuple[Backend, ...]]]:
+    """Per family, the backends of each rule: what the kernel is to hold (one pass over the rules)."""
+    out: dict[str, dict[RedirectKey, tuple[Backend, ...]]] = {family: {} for family in FAMILIES}
+    v4, v6 = out["ip"], out["ip6"]
+    for key, rule in rules.items():
+        (v6 if ":" in key.cluster_ip else v4)[key] = rule.backends
+    return out
 
 
 def split_families(rules: Mapping[RedirectKey, Any]) -> dict[str, dict[RedirectKey, Any]]:
@@ -153,7 +161,7 @@ def render_table(table: str, family: str, state: FamilyState, priority: int = DE
         lines.append(f"\t\telements = {{ {', '.join(_sorted_addresses(state.gateways))} }}")
     lines += ["\t}", f"\tmap {REDIRECTS} {{", f"\t\ttype {_ADDRESS_TYPE[family]} . inet_proto . inet_service : verdict"]
     if state.elements:
-        elements = ",\n\t\t\t".join(f"{_element(k)} : goto {c}" for k, c in sorted(state.elements.items()))
+        elements = ",\n\t\t\t".join(sorted(f"{_element(k)} : goto {c}" for k, c in state.elements.items()))
         lines.append(f"\t\telements = {{ {elements} }}")
     lines.append("\t}")
     for name in sorted(state.chains):
@@ -278,7 +286,9 @@ def _expr_backends(family: str, expr: list[dict[str, Any]]) -> tuple[str, tuple[
 
 def _element_key(value: Any) -> RedirectKey:
     ip, protocol, port = value["concat"]
-    return RedirectKey(str(ipaddress.ip_address(ip)), protocol, int(port))
+    if ":" in ip:  # nft prints IPv4 as Python does; IPv6 is made canonical the way the rule model has it
+        ip = str(ipaddress.ip_address(ip))
+    return RedirectKey(ip, protocol, int(port))
 
 
 def parse_listing(text: str, table: str, family: str, priority: int = DEFAULT_PRIORITY) -> FamilyState:
@@ -350,38 +360,30 @@ class NftablesDataplane:
     def __init__(
         self,
         table: str = "canal",
-        command: Sequence[str] = ("nft",),
+        command: Sequence[str] | None = None,
         priority: int = DEFAULT_PRIORITY,
         timeout: float = 30.0,
+        *,
+        netns: str | None = None,
+        runner: Runner | None = None,
     ) -> None:
+        """``command``: run this nft binary prefix per script (e.g. ``ip netns exec NS nft``); by default
+        libnftables in-process (in network namespace ``netns`` if given), see nftexec.py."""
         self.table = table
-        self.command = tuple(command)
         self.priority = priority
-        self.timeout = timeout
+        self.runner = runner or default_runner(command, netns, timeout)
         self._state: dict[str, FamilyState | None] | None = None  # None: not read yet; family None: no table
 
     # -------------------------------------------------------------------------------- kernel I/O
 
-    def _run(self, args: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        if shutil.which(self.command[0]) is None:
-            raise UnsupportedError(
-                f"{self.command[0]!r} not found: the nftables backend needs the nft binary (Debian: nftables)"
-            )
-        try:
-            return subprocess.run(
-                [*self.command, *args], input=stdin, capture_output=True, text=True, timeout=self.timeout, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise ApplyError(f"nft {' '.join(args)} did not finish within {self.timeout:g} s") from None
-
     def _transaction(self, text: str) -> None:
-        result = self._run(["-f", "-"], text)
+        result = self.runner.run(text)
         if result.returncode != 0:
             raise ApplyError(f"nft rejected the transaction (no rule changed): {_first_lines(result.stderr)}")
 
     def _read_family(self, family: str) -> FamilyState | None:
         """None when the table does not exist; LayoutMismatch when it exists in another shape."""
-        result = self._run(["-j", "list", "table", family, self.table])
+        result = self.runner.run(f"list table {family} {self.table}\n", json_output=True)
         if result.returncode != 0:
             if _missing(result.stderr):
                 return None
@@ -389,7 +391,7 @@ class NftablesDataplane:
         return parse_listing(result.stdout, self.table, family, self.priority)
 
     def _exists(self, family: str) -> bool:
-        result = self._run(["list", "table", family, self.table])
+        result = self.runner.run(f"list table {family} {self.table}\n")
         if result.returncode == 0:
             return True
         if _missing(result.stderr):
@@ -487,7 +489,7 @@ class NftablesDataplane:
 
     def apply(self, rules: Rules) -> ApplyResult:
         state = self._ensure_state()
-        wanted = split_families(backends_of(rules))
+        wanted = backends_of(rules)
         changes = {
             family: diff(state[family], wanted[family]) if state[family] not in (None, _FOREIGN) else {}
             for family in FAMILIES
@@ -520,18 +522,13 @@ def _as_full(table: str, after: Mapping[str, FamilyState | None], priority: int)
     )
 
 
-_MISSING_TABLE = ("Error: No such file or directory", "Error: Could not process rule: No such file or directory")
+# nft's own "no such table", with or without the "/dev/stdin:1:15-19: " location of a script; not a failure to run
+# nft at all (`ip netns exec` into a missing namespace also ends in "No such file or directory", without "Error:")
+_MISSING_TABLE = re.compile(r"(?:^|: )Error: (?:Could not process rule: )?No such file or directory", re.MULTILINE)
 
 
 def _missing(stderr: str) -> bool:
-    """nft's own "no such table" (not a failure to run nft at all, e.g. `ip netns exec` into a missing namespace,
-    whose message also ends in "No such file or directory")."""
-    return any(
-        line.startswith(
-            ("Error: No such file or directory", "Error: Could not process rule: No such file or directory")
-        )
-        for line in stderr.splitlines()
-    )
+    return _MISSING_TABLE.search(stderr) is not None
 
 
 def _first_lines(text: str, limit: int = 6) -> str:

@@ -586,16 +586,19 @@ def node_agent_cli() -> str | None:
 
 
 @pytest.mark.timeout(240)
-def test_the_cli_killed_mid_apply_leaves_exactly_a_or_b(topo: Topology, tmp_path: Path) -> None:
+@pytest.mark.parametrize("nft_binary", [True, False], ids=["nft-binary", "libnftables"])
+def test_the_cli_killed_mid_apply_leaves_exactly_a_or_b(topo: Topology, tmp_path: Path, nft_binary: bool) -> None:
     """`canal node-agent --rules-file F --once` under `ip netns exec <node>`, rule files A and B alternating, the
-    agent SIGKILLed (with its nft) at random points; after each kill the kernel holds exactly A's or B's rules."""
+    agent SIGKILLed (with its nft) at random points; after each kill the kernel holds exactly A's or B's rules.
+    With libnftables the transaction runs inside the agent, so kills are spread over the whole run instead."""
     problem = node_agent_cli()
     assert problem is None, problem
     paths, expected = write_rule_files(topo, tmp_path)
+    binary = ["--nft-binary"] if nft_binary else []
 
     def run(name: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [*topo.exec_prefix(), str(CANAL), "node-agent", "--rules-file", str(paths[name]), "--once"],
+            [*topo.exec_prefix(), str(CANAL), "node-agent", "--rules-file", str(paths[name]), "--once", *binary],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -608,7 +611,7 @@ def test_the_cli_killed_mid_apply_leaves_exactly_a_or_b(topo: Topology, tmp_path
         started = time.monotonic()
         process = run(name)
         try:
-            transactions.append(transaction_seconds(process))
+            transactions.append(transaction_seconds(process) if nft_binary else 0.0)
             out, err = process.communicate(timeout=60)
         finally:
             kill_group(process)
@@ -621,9 +624,16 @@ def test_the_cli_killed_mid_apply_leaves_exactly_a_or_b(topo: Topology, tmp_path
     mid_transaction = 0
     for i in range(30):
         process = run("B" if i % 2 == 0 else "A")
-        mid_transaction += kill_somewhere(process, rng, i, max(durations) * 1.2, max(transactions) * 1.5)
+        if nft_binary:
+            mid_transaction += kill_somewhere(process, rng, i, max(durations) * 1.2, max(transactions) * 1.5)
+        else:
+            # the run's second half is where the agent reads, renders and commits: aim there half of the time
+            time.sleep(rng.uniform(0, max(durations)) if i % 2 else rng.uniform(0.5, 1.1) * max(durations))
+            kill_group(process)
         seen[check_exactly_one_of(topo, expected, i)] += 1
-    assert mid_transaction > 0, "no kill landed while a transaction was running"
+    if nft_binary:
+        assert mid_transaction > 0, "no kill landed while a transaction was running"
+    assert len(seen) == 2, f"the kills never straddled a commit (outcomes: {dict(seen)})"
     # Unkilled again: the CLI converges from whatever the kills left.
     process = run("B")
     _, err = process.communicate(timeout=60)

@@ -293,7 +293,7 @@ async def run_agent(dataplane: Dataplane, options: AgentOptions, agent: Agent | 
         if options.once:
             source.changed()
             try:
-                result = agent.replace(source.read())
+                result = await asyncio.to_thread(agent.replace, source.read())
             except (RuleError, ApplyError) as error:
                 log.error("%s", error)
                 return 1

@@ -10,7 +10,7 @@ COPY node-agent ./node-agent
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim-bookworm
-# nftables: the node agent's default redirect backend drives the nft binary.
+# nftables (with libnftables1): the node agent's default redirect backend, in-process or through the nft binary.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends nftables \
     && rm -rf /var/lib/apt/lists/*

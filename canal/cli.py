@@ -471,6 +471,14 @@ def restore(kubeconfig: str | None, context: str | None, configmap: str, key: st
     help="nftables nat hook priority; must stay below kube-proxy's -100 so Canal's DNAT wins.",
 )
 @click.option(
+    "--ipvs-marks",
+    default="0x1000/0xfffff000",
+    show_default=True,
+    metavar="BASE/MASK",
+    help="IPVS backend: the fwmark range Canal owns (mark & MASK == BASE); keep it clear of other components' bits.",
+)
+@click.option("--ipvs-scheduler", default="rr", show_default=True, help="IPVS backend: scheduler of Canal's services.")
+@click.option(
     "--nft-binary",
     is_flag=True,
     help="Run the nft binary per change instead of libnftables in-process (slower: see BENCHMARKS.md).",
@@ -511,6 +519,8 @@ def node_agent(
     backend: str,
     table_name: str,
     priority: int,
+    ipvs_marks: str,
+    ipvs_scheduler: str,
     nft_binary: bool,
     once: bool,
     cleanup: bool,
@@ -537,7 +547,11 @@ def node_agent(
         if backend == "ipvs":
             from canal.nodeagent.ipvs import IpvsDataplane  # noqa: PLC0415
 
-            dataplane = IpvsDataplane()
+            try:
+                base, mask = (int(part, 0) for part in ipvs_marks.split("/"))
+                dataplane = IpvsDataplane(mark_base=base, mark_mask=mask, scheduler=ipvs_scheduler)
+            except ValueError as err:
+                raise click.BadParameter(str(err), param_hint="--ipvs-marks") from None
         else:
             from canal.nodeagent.nftables import NftablesDataplane  # noqa: PLC0415
 

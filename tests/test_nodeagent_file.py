@@ -98,6 +98,8 @@ def test_the_agent_follows_the_file_and_keeps_the_last_good_rules(scratch_nft: t
         (["--xds-address", "nowhere"], "expected HOST:PORT"),
         (["--backend", "iptables", "--rules-file", "r.json"], "'iptables' is not one of 'nftables', 'ipvs'"),
         (["--priority", "-90", "--rules-file", "r.json"], "-90 is not in the range -400<=x<=-101"),
+        (["--backend", "ipvs", "--ipvs-marks", "0x4000/0xfffff000", "--rules-file", "r.json"], "kube-proxy's mark"),
+        (["--backend", "ipvs", "--ipvs-marks", "4096", "--rules-file", "r.json"], "Invalid value for --ipvs-marks"),
     ],
 )
 def test_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ class Agent:
         self.last_error = ""
         self.last_result: ApplyResult | None = None
         self.last_success = 0.0
+        self.metrics_port = 0  # where /metrics, /ready, /healthz and /status are served (0: not)
 
     def _run(self, apply: Any) -> ApplyResult:
         started = time.perf_counter()
@@ -284,7 +285,7 @@ async def run_agent(dataplane: Dataplane, options: AgentOptions, agent: Agent | 
         agent = Agent(dataplane, AgentMetrics(CollectorRegistry()), source)
     endpoints = Endpoints(agent.metrics.registry, lambda: agent.ready, agent.status)
     if options.metrics_address is not None:
-        await endpoints.start(*options.metrics_address)
+        agent.metrics_port = await endpoints.start(*options.metrics_address)
     lock = asyncio.Lock()
     first = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -34,6 +38,14 @@ WAIT = 10.0
 
 def rule(key: RedirectKey, backends: tuple[Backend, ...] = GW, mode: str = "nftables") -> RedirectRule:
     return RedirectRule(key, backends, f"default/svc-{key.cluster_ip}", "istio-system/canal", mode)
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -69,7 +81,7 @@ class World:
     def start_agent(self) -> Agent:
         dataplane = NftablesDataplane(command=self.nft)
         self.agent = Agent(dataplane, AgentMetrics(CollectorRegistry()), "test")
-        options = AgentOptions(None, f"127.0.0.1:{self.port}", "node-1", None, resync=0)
+        options = AgentOptions(None, f"127.0.0.1:{self.port}", "node-1", ("127.0.0.1", 0), resync=0)
         self.task = asyncio.create_task(run_agent(dataplane, options, self.agent))
         return self.agent
 
@@ -111,6 +123,13 @@ async def test_rules_over_xds_reach_the_kernel_and_follow_changes(scratch_nft: t
         # the ipvs-mode rule is for agents running the IPVS backend, not this one
         await world.kernel_holds({WEB: GW, API: (GW[0],)})
         await world.until(lambda: agent.ready, "the agent reports ready")
+        ready, metrics, status = await asyncio.to_thread(
+            lambda: [get(agent.metrics_port, path) for path in ("/ready", "/metrics", "/status")]
+        )
+        assert ready == (200, "ready\n")
+        assert "canal_node_agent_rules 2.0" in metrics[1] and "canal_node_agent_xds_connected 1.0" in metrics[1]
+        assert 'canal_node_agent_xds_responses_total{verdict="ack"}' in metrics[1]
+        assert json.loads(status[1])["rulesOfThisBackend"] == 2
         world.publish(rule(WEB), rule(API, GW), rule(DB))  # API spreads over both; DB moves to nftables
         await world.kernel_holds({WEB: GW, API: GW, DB: GW})
         assert agent.last_result is not None and agent.last_result.mode == "delta"
@@ -172,3 +191,27 @@ def test_once_over_xds_exits_after_the_first_update(scratch_nft: tuple[str, ...]
             return status
 
     assert asyncio.run(asyncio.wait_for(main(), 30)) == 0
+
+
+@aio
+async def test_not_ready_until_the_control_plane_answered(scratch_nft: tuple[str, ...]) -> None:
+    """No xDS server: the agent keeps retrying, /ready says 503 and the kernel is left alone."""
+    dataplane = NftablesDataplane(command=scratch_nft)
+    agent = Agent(dataplane, AgentMetrics(CollectorRegistry()), "test")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    options = AgentOptions(None, f"127.0.0.1:{dead}", "node-1", ("127.0.0.1", 0), resync=0)
+    task = asyncio.create_task(run_agent(dataplane, options, agent))
+    try:
+        deadline = time.monotonic() + WAIT
+        while not agent.metrics_port:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # a few reconnect attempts
+        assert await asyncio.to_thread(get, agent.metrics_port, "/ready") == (503, "not ready\n")
+        assert await asyncio.to_thread(get, agent.metrics_port, "/healthz") == (200, "ok\n")
+        assert not agent.connected and NftablesDataplane(command=scratch_nft).current() is None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -17,21 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from canal.desired import DesiredState
-from canal.dns.metrics import DnsMetrics
-from canal.dns.server import DnsServer, system_upstreams
 from canal.files import LoadError, expand_paths, parse_text
-from canal.model.base import ObjectRef, Rejection
-from canal.observe import Endpoints
+from canal.model.base import ObjectRef
+from canal.serving import Serving, ServingOptions
 from canal.snapshot import Parsed, parse_object, ref_of
 from canal.translate import Translator
-from canal.xds.bootstrap import split_address
-from canal.xds.cache import SnapshotCache
-from canal.xds.metrics import XdsMetrics
-from canal.xds.publisher import DEFAULT_MAX_DELAY, DEFAULT_QUIET, Publisher
-from canal.xds.server import XdsServer
+from canal.xds.publisher import DEFAULT_MAX_DELAY, DEFAULT_QUIET
 
 log = logging.getLogger(__name__)
 
@@ -112,73 +104,39 @@ class RunOptions:
 
 
 class ControlPlane:
-    """Files -> Translator -> Publisher -> xDS server, plus the probe endpoints."""
+    """Files -> Translator -> the shared serving core (xDS, DNS, probes)."""
 
     def __init__(self, options: RunOptions) -> None:
         self.options = options
-        self.registry = CollectorRegistry()
-        self.cache = SnapshotCache()
-        self.server = XdsServer(self.cache, XdsMetrics(self.registry))
-        self.publisher = Publisher(
-            self.cache, quiet=options.quiet, max_delay=options.max_delay, on_publish=self._published
+        self.serving = Serving(
+            ServingOptions(
+                options.xds_address,
+                options.metrics_address,
+                options.quiet,
+                options.max_delay,
+                options.dns_address,
+                options.dns_upstreams,
+                options.dns_forward,
+            )
         )
         self.translator = Translator()
         self.source = FileSource(options.paths)
-        self.endpoints = Endpoints(self.registry, self.ready, self.status)
-        self.dns = self._dns_server() if options.dns_address else None
-        self.state = DesiredState()
-        self._rejections: set[Rejection] = set()
         self._stop = asyncio.Event()
 
-    def _dns_server(self) -> DnsServer:
-        upstreams = self.options.dns_upstreams
-        if upstreams is None:
-            upstreams = system_upstreams() if self.options.dns_forward else []
-        return DnsServer(upstreams=upstreams, forward=self.options.dns_forward, metrics=DnsMetrics(self.registry))
-
-    def ready(self) -> bool:
-        dns_ready = self.dns is None or self.dns.port != 0
-        return self.server.port != 0 and self.publisher.published.is_set() and dns_ready
-
-    def status(self) -> dict[str, Any]:
-        out = {"xds": self.server.status(), "rejections": [str(r) for r in sorted(self._rejections)]}
-        if self.dns is not None:
-            out["dns"] = {
-                "names": len(self.dns.table),
-                "forward": self.dns.forward,
-                "upstreams": [f"{host}:{port}" for host, port in self.dns.upstreams],
-            }
-        return out
+    @property
+    def state(self) -> DesiredState:
+        return self.serving.state
 
     def reload(self, *, initial: bool = False) -> bool:
         changes = self.source.poll()
         if not changes and not initial:
             return False
-        self.state = self.translator.apply(changes or [])
-        rejections = set(self.state.rejections())
-        for rejection in sorted(rejections - self._rejections):
-            log.warning("rejected: %s", rejection)
-        for rejection in sorted(self._rejections - rejections):
-            log.info("no longer rejected: %s", rejection)
-        self._rejections = rejections
-        self.publisher.submit(self.state)
+        self.serving.submit(self.translator.apply(changes or []))
         return True
-
-    def _published(self, state: DesiredState) -> None:
-        if self.dns is not None and self.dns.update(state.dns):
-            log.info("dns: serving %d name(s)", len(self.dns.table))
 
     async def start(self) -> None:
         self.reload(initial=True)
-        self.publisher.flush()  # the first state is served at once, not after a quiet period
-        await self.server.start(self.options.xds_address)
-        if self.dns is not None:
-            assert self.options.dns_address is not None
-            host, port = split_address(self.options.dns_address)
-            await self.dns.start(host, port)
-            log.info("dns server on %s (port %d)", self.options.dns_address, self.dns.port)
-        host, port = split_address(self.options.metrics_address)
-        await self.endpoints.start(host, port)
+        await self.serving.start()
 
     async def serve(self) -> None:
         await self.start()
@@ -189,16 +147,10 @@ class ControlPlane:
                 except TimeoutError:
                     self.reload()
         finally:
-            await self.close()
+            await self.serving.close()
 
     def stop(self) -> None:
         self._stop.set()
-
-    async def close(self) -> None:
-        await self.endpoints.stop()
-        if self.dns is not None:
-            await self.dns.stop()
-        await self.server.stop()
 
 
 async def serve(options: RunOptions) -> None:

@@ -46,6 +46,7 @@ def test_wheel_installs_every_component(tmp_path):
         "canal/nodeagent/__init__.py",
         "canal/translate/engine.py",
         "canal/py.typed",
+        "canal/internalgateways.canal.io.yaml",
     ):
         assert module in names
     assert not [n for n in names if n.startswith("tests/")]

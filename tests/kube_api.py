@@ -5,23 +5,39 @@ watch-from-version (REFERENCE.md), which are exactly the behaviours Canal's writ
 fix-up layer over it would be about as large as this file and would still inherit its routing. Here the API
 semantics live in `Store` (plain Python under one lock) and `KubeApiServer` is a thin HTTP shell around it.
 
-What it implements, as the real API server does: GET, LIST (labelSelector, fieldSelector on any dotted path),
-WATCH (synthetic ADDED for the current state when no resourceVersion is given, resume from a resourceVersion,
-``ERROR`` with a 410 ``Expired`` Status when that version has left the bounded history, selector transitions as
+What it implements, as the real API server does: GET, LIST (labelSelector, fieldSelector on any dotted path;
+paging with ``limit``/``continue`` and ``remainingItemCount``, 410 ``Expired`` once the first page's version is
+compacted; built-in lists leave apiVersion/kind out of their items, custom resource lists keep them), WATCH
+(synthetic ADDED for the current state when no resourceVersion is given, resume from a resourceVersion, ``ERROR``
+with a 410 ``Expired`` Status when that version has left the bounded history, selector transitions as
 ADDED/DELETED, timeoutSeconds, a BOOKMARK at the end when allowWatchBookmarks is set), POST (409 AlreadyExists),
 PUT (409 Conflict on a stale metadata.resourceVersion, unconditional without one, no-op updates keep the
 version), PATCH (JSON merge patch; strategic merge patch is treated as a JSON merge patch, so lists are replaced,
-not merged by key; RFC 6902 JSON patch), DELETE, and the ``/status`` subresource. One global resourceVersion
-counter; uid, creationTimestamp and generation are set like the real API. Errors are real ``Status`` objects.
+not merged by key; RFC 6902 JSON patch), DELETE, the ``/status`` subresource, and discovery for the registered
+types (``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/<group>``, ``/apis/<group>/<version>``: the
+preferred version is chosen by the real priority order, GA > beta > alpha, unless a test picks one). One global
+resourceVersion counter; uid, creationTimestamp and generation are set like the real API. Errors are real
+``Status`` objects.
+
+Test hooks (no real server has these): injected 409 conflicts and failures (any status code, by method, verb,
+kind, name...; a watch can get its failure as an in-stream ``ERROR`` event), `drop_watches` (cut open watch
+connections mid-stream), `outage` (down, then back on the same port with the same state), silent `modify` and
+`delete` (a new version that no watch sees), `compact`, and a request log (with headers).
 
 What it does not do: authentication, admission (namespaces need not exist), finalizers and graceful deletion,
 owner-reference garbage collection, server-side apply, dryRun (rejected with 400 rather than silently
-persisted), paging (``limit`` is ignored: one page with everything), deletecollection, discovery beyond
-``/version``, field-selector validation (any dotted path is accepted), and schema validation beyond object names.
+persisted), consistent paging (a continued page is read from the current state, not a snapshot at the first
+page's version, so changes between pages show up early), several versions of one resource sharing storage (each
+registered version is a separate store, no conversion), DELETE answering with the deleted object (it always
+answers a ``Status``; the real API returns the object for Pods, Services and custom resources, so e.g. the
+typed ``delete_namespaced_service`` cannot parse the answer), deletecollection, aggregated discovery, watch-list
+(``sendInitialEvents``), periodic bookmarks (only the one at a watch's end), field-selector validation (any dotted
+path is accepted), and schema validation beyond object names.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -36,7 +52,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -59,7 +75,8 @@ Matcher = Callable[[Obj], bool]
 class ResourceType:
     """One REST resource. `status`: it has a /status subresource (the main PUT then ignores status changes);
     `generation`: metadata.generation is kept and bumped when anything but metadata (and status, with the
-    subresource) changes, as for custom resources."""
+    subresource) changes, as for custom resources; `custom`: CRD-backed, so list items keep apiVersion and kind
+    (built-in lists leave them out, as the real API does)."""
 
     group: str
     version: str
@@ -68,6 +85,7 @@ class ResourceType:
     namespaced: bool = True
     status: bool = False
     generation: bool = False
+    custom: bool = False
 
     @property
     def api_version(self) -> str:
@@ -84,7 +102,9 @@ def custom_resource(
 ) -> ResourceType:
     """A CRD-backed type: generation is always tracked for custom resources."""
     group, _, version = api_version.rpartition("/")
-    return ResourceType(group, version, plural, kind, namespaced=namespaced, status=status, generation=True)
+    return ResourceType(
+        group, version, plural, kind, namespaced=namespaced, status=status, generation=True, custom=True
+    )
 
 
 BUILTIN_RESOURCES: tuple[ResourceType, ...] = (
@@ -383,6 +403,10 @@ class Store:
         with self.cond:
             return self._types.get((group, version, plural))
 
+    def types(self) -> list[ResourceType]:
+        with self.cond:
+            return list(self._types.values())
+
     def kind(self, api_version: str, kind: str) -> ResourceType:
         with self.cond:
             try:
@@ -408,6 +432,34 @@ class Store:
         """Items sorted by namespace/name, and the version they are current at."""
         with self.cond:
             return self._select(rtype, namespace, matcher), self._rv
+
+    def page(
+        self, rtype: ResourceType, namespace: str, matcher: Matcher = _everything, *, limit: int = 0, token: str = ""
+    ) -> tuple[list[Obj], int, str, int]:
+        """One page of a LIST (`limit` 0: everything): items, the list's version, the continue token ("" on the last
+        page) and how many items remain. A continued page carries the first page's version but is read from the
+        current state (no MVCC snapshot); once that version is compacted away the token is 410 Expired."""
+        with self.cond:
+            version, after = self._rv, None
+            if token:
+                version, after = _decode_continue(token)
+                if version < self._horizon:
+                    raise ApiError(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result. You can "
+                        "start a new list without the continue parameter.",
+                    )
+            bucket = self._objects[rtype]
+            keys = [
+                key
+                for key in sorted(bucket)
+                if (not namespace or key[0] == namespace) and (after is None or key > after) and matcher(bucket[key])
+            ]
+            chosen = keys[:limit] if limit else keys
+            remaining = len(keys) - len(chosen)
+            following = _encode_continue(version, chosen[-1]) if remaining else ""
+            return [copy.deepcopy(bucket[key]) for key in chosen], version, following, remaining
 
     def _select(self, rtype: ResourceType, namespace: str, matcher: Matcher) -> list[Obj]:
         bucket = self._objects[rtype]
@@ -498,7 +550,8 @@ class Store:
                 )
             return self._update(rtype, namespace, name, patched, status_only=status_only)
 
-    def delete(self, rtype: ResourceType, namespace: str, name: str) -> Obj:
+    def delete(self, rtype: ResourceType, namespace: str, name: str, *, silent: bool = False) -> Obj:
+        """DELETE semantics; `silent` (tests only) commits without a watch event, as if every watch missed it."""
         with self.cond:
             old = self._objects[rtype].pop((namespace, name), None)
             if old is None:
@@ -506,18 +559,22 @@ class Store:
             self._rv += 1
             deleted = copy.deepcopy(old)
             deleted["metadata"]["resourceVersion"] = str(self._rv)
-            self._emit("DELETED", rtype, namespace, deleted, old)
+            if not silent:
+                self._emit("DELETED", rtype, namespace, deleted, old)
             return copy.deepcopy(deleted)
 
-    def modify(self, rtype: ResourceType, namespace: str, name: str, mutate: Callable[[Obj], None]) -> Obj:
-        """Another actor's write, for tests: `mutate` may change anything (status too); it is committed as is."""
+    def modify(
+        self, rtype: ResourceType, namespace: str, name: str, mutate: Callable[[Obj], None], *, silent: bool = False
+    ) -> Obj:
+        """Another actor's write, for tests: `mutate` may change anything (status too); it is committed as is.
+        `silent`: a new version but no watch event, as if every watch missed it (only a relist sees it)."""
         with self.cond:
             old = self._objects[rtype].get((namespace, name))
             if old is None:
                 raise _not_found(rtype, name)
             new = copy.deepcopy(old)
             mutate(new)
-            return self._commit(rtype, (namespace, name), old, new)
+            return self._commit(rtype, (namespace, name), old, new, silent=silent)
 
     def compact(self) -> None:
         """Forget all history, as etcd compaction does: a watch from any earlier version then gets 410."""
@@ -529,6 +586,11 @@ class Store:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+
+    def reopen(self) -> None:
+        """Serve watches again after `close` (the state is kept): an outage's end."""
+        with self.cond:
+            self.closed = False
 
     def _check_identity(self, rtype: ResourceType, namespace: str, name: str | None, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
@@ -570,11 +632,11 @@ class Store:
             new = copy.deepcopy(obj)
             new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
             meta = new.setdefault("metadata", {})
-            for field in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion", "generation"):
-                if field in old["metadata"]:
-                    meta[field] = old["metadata"][field]
+            for kept in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion", "generation"):
+                if kept in old["metadata"]:
+                    meta[kept] = old["metadata"][kept]
                 else:
-                    meta.pop(field, None)
+                    meta.pop(kept, None)
             if rtype.status:
                 if "status" in old:
                     new["status"] = copy.deepcopy(old["status"])
@@ -582,7 +644,7 @@ class Store:
                     new.pop("status", None)
         return self._commit(rtype, key, old, new)
 
-    def _commit(self, rtype: ResourceType, key: tuple[str, str], old: Obj, new: Obj) -> Obj:
+    def _commit(self, rtype: ResourceType, key: tuple[str, str], old: Obj, new: Obj, *, silent: bool = False) -> Obj:
         if new == old:
             return copy.deepcopy(old)  # a no-op update: no new version, no event (as the real API)
         meta = new["metadata"]
@@ -591,7 +653,8 @@ class Store:
         self._rv += 1
         meta["resourceVersion"] = str(self._rv)
         self._objects[rtype][key] = new
-        self._emit("MODIFIED", rtype, key[0], new, old)
+        if not silent:
+            self._emit("MODIFIED", rtype, key[0], new, old)
         return copy.deepcopy(new)
 
     def _emit(self, type_: str, rtype: ResourceType, namespace: str, obj: Obj, old: Obj | None) -> None:
@@ -677,6 +740,94 @@ def _project(event: Event, rtype: ResourceType, namespace: str, matcher: Matcher
     return None if kind is None else {"type": kind, "object": copy.deepcopy(event.obj)}
 
 
+def _encode_continue(version: int, after: tuple[str, str]) -> str:
+    """A continue token like the real one: opaque base64 of JSON with the list's version and where to go on."""
+    raw = json.dumps({"v": "meta.k8s.io/v1", "rv": version, "start": list(after)}).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, tuple[str, str]]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        namespace, name = data["start"]
+        return int(data["rv"]), (str(namespace), str(name))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _bad_request(f"invalid continue token: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+_VERSION_ORDER = re.compile(r"v(?P<major>[1-9][0-9]*)(?:(?P<stability>alpha|beta)(?P<minor>[1-9][0-9]*))?")
+
+
+def version_priority(version: str) -> tuple[Any, ...]:
+    """The real API's order of versions in a group (sort ascending: first is preferred): GA before beta before
+    alpha, higher numbers first, then anything else alphabetically."""
+    m = _VERSION_ORDER.fullmatch(version)
+    if m is None:
+        return (1, version)
+    stability = {"": 0, "beta": 1, "alpha": 2}[m["stability"] or ""]
+    return (0, stability, -int(m["major"]), -int(m["minor"] or 0))
+
+
+_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+
+
+def _api_resources(group_version: str, types: Iterable[ResourceType]) -> Obj:
+    resources: list[Obj] = []
+    for rtype in sorted(types, key=lambda t: t.plural):
+        common = {"singularName": rtype.kind.lower(), "namespaced": rtype.namespaced, "kind": rtype.kind}
+        resources.append({"name": rtype.plural, **common, "verbs": _VERBS})
+        if rtype.status:
+            resources.append({"name": f"{rtype.plural}/status", **common, "verbs": ["get", "patch", "update"]})
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}
+
+
+def _api_group(group: str, versions: Iterable[str], preferred: str | None) -> Obj:
+    ordered = sorted(set(versions), key=version_priority)
+    chosen = preferred if preferred in ordered else ordered[0]
+    return {
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": group,
+        "versions": [{"groupVersion": f"{group}/{v}", "version": v} for v in ordered],
+        "preferredVersion": {"groupVersion": f"{group}/{chosen}", "version": chosen},
+    }
+
+
+def discovery_document(
+    parts: list[str], types: Iterable[ResourceType], preferred: Mapping[str, str], address: str = ""
+) -> Obj | None:
+    """The discovery answer for a path split on "/" (``/api``, ``/api/v1``, ``/apis``, ``/apis/<group>``,
+    ``/apis/<group>/<version>``), from the registered types; None when the path is not a discovery path.
+    `address` (host:port) is what ``/api`` names as the server for every client CIDR."""
+    by_group: dict[str, dict[str, list[ResourceType]]] = {}
+    for rtype in types:
+        by_group.setdefault(rtype.group, {}).setdefault(rtype.version, []).append(rtype)
+    if parts == ["api"]:
+        return {
+            "kind": "APIVersions",
+            "versions": sorted(by_group.get("", {}), key=version_priority),
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": address}],
+        }
+    if len(parts) == 2 and parts[0] == "api":
+        if parts[1] not in by_group.get("", {}):
+            raise _no_route()
+        return _api_resources(parts[1], by_group[""][parts[1]])
+    if parts == ["apis"]:
+        groups = [_api_group(g, vs, preferred.get(g)) for g, vs in sorted(by_group.items()) if g]
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+    if parts and parts[0] == "apis" and len(parts) in (2, 3):
+        versions = by_group.get(parts[1], {}) if parts[1] else {}
+        if not versions or (len(parts) == 3 and parts[2] not in versions):
+            raise _no_route()
+        if len(parts) == 2:
+            return _api_group(parts[1], versions, preferred.get(parts[1]))
+        return _api_resources(f"{parts[1]}/{parts[2]}", versions[parts[2]])
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- HTTP server
 
 
@@ -687,13 +838,14 @@ class Request:
     method: str
     path: str
     query: Mapping[str, str]
-    verb: str  # get, list, watch, create, update, patch, delete ("" for anything else)
+    verb: str  # get, list, watch, create, update, patch, delete, discovery ("" for anything else)
     kind: str
     namespace: str
     name: str
     subresource: str
     body: Any
     code: int
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
 
 
 @dataclass(frozen=True, slots=True)
@@ -714,6 +866,8 @@ class _Failure:
     namespace: str | None
     subresource: str | None
     message: str
+    verb: str | None = None
+    in_stream: bool = False
 
 
 @dataclass
@@ -755,14 +909,17 @@ class KubeApiServer:
         self._requests: list[Request] = []
         self._failures: list[_Failure] = []
         self._conflicts: list[_Conflict] = []
+        self._watches: dict[socket.socket, str] = {}  # open watch connections -> kind
+        self._preferred: dict[str, str] = {}
         self._http: _HttpServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
 
     # -- lifecycle
 
-    def start(self) -> KubeApiServer:
-        self._http = _HttpServer(("127.0.0.1", 0), self)
+    def start(self, port: int = 0) -> KubeApiServer:
+        self.store.reopen()
+        self._http = _HttpServer(("127.0.0.1", port), self)
         host, port = self._http.server_address[:2]
         self.url = f"http://{host}:{port}"
         self._thread = threading.Thread(
@@ -781,6 +938,17 @@ class KubeApiServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._http = None
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """The server is down inside the block (open connections cut, new ones refused) and back on the same
+        port after it, with its state, history and hooks kept; direct access (create, modify...) works meanwhile."""
+        port = int(self.url.rsplit(":", 1)[1])
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start(port)
 
     def __enter__(self) -> KubeApiServer:
         return self.start()
@@ -807,7 +975,14 @@ class KubeApiServer:
         return path
 
     def register(self, rtype: ResourceType) -> None:
+        """Serve a type from now on (a CRD being installed); it shows up in discovery too."""
         self.store.register(rtype)
+
+    def prefer_version(self, group: str, version: str) -> None:
+        """Make discovery name `version` as the group's preferredVersion (by default the real API's priority order
+        decides: GA, then beta, then alpha). Register every served version of the group as its own type."""
+        with self._lock:
+            self._preferred[group] = version
 
     # -- direct access for tests (no HTTP, not in the request log)
 
@@ -823,13 +998,21 @@ class KubeApiServer:
             return None
 
     def modify(
-        self, api_version: str, kind: str, name: str, namespace: str = "", mutate: Callable[[Obj], None] = _default_bump
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str = "",
+        mutate: Callable[[Obj], None] = _default_bump,
+        *,
+        silent: bool = False,
     ) -> Obj:
-        """Simulate another writer: commit `mutate`'s changes with a new version and a MODIFIED event."""
-        return self.store.modify(self.store.kind(api_version, kind), namespace, name, mutate)
+        """Simulate another writer: commit `mutate`'s changes with a new version and a MODIFIED event (none when
+        `silent`: a change every watch misses, which only a fresh LIST shows)."""
+        return self.store.modify(self.store.kind(api_version, kind), namespace, name, mutate, silent=silent)
 
-    def delete(self, api_version: str, kind: str, name: str, namespace: str = "") -> Obj:
-        return self.store.delete(self.store.kind(api_version, kind), namespace, name)
+    def delete(self, api_version: str, kind: str, name: str, namespace: str = "", *, silent: bool = False) -> Obj:
+        return self.store.delete(self.store.kind(api_version, kind), namespace, name, silent=silent)
 
     def compact(self) -> None:
         self.store.compact()
@@ -862,11 +1045,40 @@ class KubeApiServer:
         name: str | None = None,
         namespace: str | None = None,
         subresource: str | None = None,
+        verb: str | None = None,
         message: str = "injected failure",
+        in_stream: bool = False,
     ) -> None:
-        """The next `times` requests matching every given filter are answered with a `code` Status."""
+        """The next `times` requests matching every given filter (`verb`: list, watch, get...) are answered with a
+        `code` Status. `in_stream`: a watch is answered 200 and then one ``ERROR`` event carrying that Status, as the
+        real API reports errors once a watch has started. Discovery requests are never failed."""
         with self._lock:
-            self._failures.append(_Failure(code, times, method, kind, name, namespace, subresource, message))
+            self._failures.append(
+                _Failure(code, times, method, kind, name, namespace, subresource, message, verb, in_stream)
+            )
+
+    def drop_watches(self, kind: str | None = None) -> int:
+        """Cut every open watch connection (of `kind`) mid-stream, without the final chunk, as a network failure or
+        an API server crash does; returns how many were cut."""
+        with self._lock:
+            targets = [conn for conn, watched in self._watches.items() if kind in (None, watched)]
+        for conn in targets:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        return len(targets)
+
+    def open_watches(self, kind: str | None = None) -> int:
+        """How many watch responses are streaming right now (of `kind`)."""
+        with self._lock:
+            return sum(1 for watched in self._watches.values() if kind in (None, watched))
+
+    def _watch_opened(self, conn: socket.socket, kind: str) -> None:
+        with self._lock:
+            self._watches[conn] = kind
+
+    def _watch_closed(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._watches.pop(conn, None)
 
     @property
     def requests(self) -> list[Request]:
@@ -882,7 +1094,16 @@ class KubeApiServer:
 
     # -- request handling (called from the handler threads)
 
-    def handle(self, method: str, path: str, query: Mapping[str, str], content_type: str, raw: bytes) -> _Response:
+    def handle(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        content_type: str,
+        raw: bytes,
+        headers: Mapping[str, str] | None = None,
+    ) -> _Response:
+        seen = {k.lower(): v for k, v in (headers or {}).items()}
         target: _Target | None = None
         body: Any = None
         verb = ""
@@ -893,17 +1114,31 @@ class KubeApiServer:
                 except ValueError as exc:
                     raise _bad_request(f"the request body is not JSON: {exc}") from exc
             if path.rstrip("/") == "/version" and method == "GET":
-                return self._log(_Response(200, _VERSION), method, path, query, "", None, body)
+                return self._log(_Response(200, _VERSION), method, path, query, "", None, body, seen)
+            if method == "GET":
+                with self._lock:
+                    preferred = dict(self._preferred)
+                parts = [p for p in path.split("/") if p]
+                document = discovery_document(parts, self.store.types(), preferred, self.url.split("//", 1)[-1])
+                if document is not None:
+                    return self._log(_Response(200, document), method, path, query, "discovery", None, body, seen)
             target = self._route(path)
             verb = _verb(method, target, query)
-            self._maybe_fail(method, target)
-            response = self._execute(method, verb, target, query, content_type, body)
+            failure = self._maybe_fail(method, verb, target)
+            if failure is None:
+                response = self._execute(method, verb, target, query, content_type, body)
+            else:
+                error = ApiError(failure.code, _REASONS.get(failure.code, "InternalError"), failure.message)
+                if not (failure.in_stream and verb == "watch"):
+                    raise error
+                event = {"type": "ERROR", "object": error.status()}
+                response = _Response(200, None, watch=lambda _alive: iter([event]), watch_kind=target.rtype.kind)
         except ApiError as error:
             response = _Response(error.code, error.status())
         except Exception as exc:
             log.exception("test API server: %s %s failed", method, path)
             response = _Response(500, ApiError(500, "InternalError", f"test API server bug: {exc!r}").status())
-        return self._log(response, method, path, query, verb, target, body)
+        return self._log(response, method, path, query, verb, target, body, seen)
 
     def _log(
         self,
@@ -914,6 +1149,7 @@ class KubeApiServer:
         verb: str,
         target: _Target | None,
         body: Any,
+        headers: Mapping[str, str],
     ) -> _Response:
         record = Request(
             method=method,
@@ -926,6 +1162,7 @@ class KubeApiServer:
             subresource=target.subresource if target else "",
             body=body,
             code=response.code,
+            headers=dict(headers),
         )
         with self._lock:
             self._requests.append(record)
@@ -955,13 +1192,15 @@ class KubeApiServer:
             raise _no_route()
         return _Target(rtype, namespace, name, subresource)
 
-    def _maybe_fail(self, method: str, target: _Target) -> None:
+    def _maybe_fail(self, method: str, verb: str, target: _Target) -> _Failure | None:
+        """The injected failure due for this request, if any (counted down)."""
         with self._lock:
             for failure in self._failures:
                 if failure.times > 0 and all(
                     want is None or want == have
                     for want, have in (
                         (failure.method, method),
+                        (failure.verb, verb),
                         (failure.kind, target.rtype.kind),
                         (failure.name, target.name),
                         (failure.namespace, target.namespace),
@@ -969,7 +1208,8 @@ class KubeApiServer:
                     )
                 ):
                     failure.times -= 1
-                    raise ApiError(failure.code, _REASONS.get(failure.code, "InternalError"), failure.message)
+                    return failure
+        return None
 
     def _maybe_conflict(self, target: _Target) -> None:
         with self._lock:
@@ -998,14 +1238,23 @@ class KubeApiServer:
             if version not in ("", "0") and not version.isdigit():
                 raise _bad_request(f"invalid resourceVersion {version!r}")
             if verb == "watch":
-                return _Response(200, None, watch=lambda alive: self._watch(target, query, matcher, alive))
-            items, rv = store.list(rtype, ns, matcher)
-            listing = {
-                "kind": f"{rtype.kind}List",
-                "apiVersion": rtype.api_version,
-                "metadata": {"resourceVersion": str(rv)},
-                "items": items,
-            }
+                return _Response(
+                    200, None, watch=lambda alive: self._watch(target, query, matcher, alive), watch_kind=rtype.kind
+                )
+            limit = query.get("limit", "")
+            if limit and not limit.isdigit():
+                raise _bad_request(f"invalid limit {limit!r}")
+            items, rv, following, remaining = store.page(
+                rtype, ns, matcher, limit=int(limit or 0), token=query.get("continue", "")
+            )
+            if not rtype.custom:  # built-in lists carry the type once, on the list, not on every item
+                for item in items:
+                    item.pop("apiVersion", None)
+                    item.pop("kind", None)
+            meta: Obj = {"resourceVersion": str(rv)}
+            if following:
+                meta.update({"continue": following, "remainingItemCount": remaining})
+            listing = {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version, "metadata": meta, "items": items}
             return _Response(200, listing)
         if verb == "create":
             if rtype.namespaced and not ns:
@@ -1068,6 +1317,7 @@ class _Response:
     code: int
     body: Any
     watch: Callable[[Callable[[], bool]], Iterator[Obj]] | None = None
+    watch_kind: str = ""
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -1140,9 +1390,15 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        response = self.server.api.handle(self.command, url.path, query, self.headers.get("Content-Type", ""), raw)
+        response = self.server.api.handle(
+            self.command, url.path, query, self.headers.get("Content-Type", ""), raw, dict(self.headers.items())
+        )
         if response.watch is not None:
-            self._stream(response.watch(self._alive))
+            self.server.api._watch_opened(self.connection, response.watch_kind)
+            try:
+                self._stream(response.watch(self._alive))
+            finally:
+                self.server.api._watch_closed(self.connection)
             return
         data = json.dumps(response.body).encode()
         self.send_response(response.code)

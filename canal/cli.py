@@ -9,7 +9,7 @@ import logging
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
@@ -270,24 +270,25 @@ def _coredns_records(records: Mapping[str, DnsRecord]) -> dict[str, DnsRecord]:
 def _configmap_ref(value: str, key: str) -> ConfigMapRef:
     from canal.dns.coredns import ConfigMapRef  # noqa: PLC0415
 
-    namespace, sep, name = value.partition("/")
-    if not sep or not namespace or not name or "/" in name:
-        raise click.BadParameter(f"expected NAMESPACE/NAME, got {value!r}", param_hint="--configmap")
+    namespace, name = _namespaced_name(value, "--configmap")
     return ConfigMapRef(namespace, name, key)
 
 
-def api_client(kubeconfig: str | None, context: str | None) -> ApiClient:
-    """An explicit kubeconfig, else the in-cluster service account, else the default kubeconfig (~/.kube/config)."""
+def api_client(kubeconfig: str | None, context: str | None, pool: int = 0) -> ApiClient:
+    """An explicit kubeconfig, else the in-cluster service account, else the default kubeconfig (~/.kube/config).
+    ``pool``: connections to keep (the controller's informers each hold one open for their watch)."""
     from kubernetes import client, config  # noqa: PLC0415
 
+    configuration = client.Configuration()
+    if pool:
+        configuration.connection_pool_maxsize = pool
     if kubeconfig is None and context is None:
         try:
-            config.load_incluster_config()
-            return client.ApiClient()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
         except config.ConfigException:
             pass
     try:
-        configuration = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     except (config.ConfigException, OSError) as err:
         click.echo(f"error: cannot load a Kubernetes configuration: {err}", err=True)
@@ -295,13 +296,15 @@ def api_client(kubeconfig: str | None, context: str | None) -> ApiClient:
     return client.ApiClient(configuration)
 
 
-_CLUSTER_OPTIONS = [
+_KUBE_OPTIONS = [
     click.option(
         "--kubeconfig",
         type=click.Path(dir_okay=False),
         help="Kubeconfig file (default: in-cluster, then ~/.kube/config).",
     ),
     click.option("--context", help="Kubeconfig context."),
+]
+_COREDNS_OPTIONS = [
     click.option(
         "--configmap",
         default="kube-system/coredns",
@@ -313,10 +316,18 @@ _CLUSTER_OPTIONS = [
 ]
 
 
-def _cluster_options(fn):  # noqa: ANN001
-    for option in reversed(_CLUSTER_OPTIONS):
+def _options(options: list, fn):  # noqa: ANN001
+    for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _kube_options(fn):  # noqa: ANN001
+    return _options(_KUBE_OPTIONS, fn)
+
+
+def _cluster_options(fn):  # noqa: ANN001
+    return _options(_KUBE_OPTIONS + _COREDNS_OPTIONS, fn)
 
 
 @cli.group()
@@ -435,6 +446,141 @@ def restore(kubeconfig: str | None, context: str | None, configmap: str, key: st
         sys.exit(EXIT_REJECTED)
     what = "restored" if result.written else "already as before Canal"
     click.echo(f"ConfigMap {ref} key {ref.key}: {what}")
+
+
+def _namespaced_name(value: str, param: str) -> tuple[str, str]:
+    namespace, slash, name = value.partition("/")
+    if not slash or not namespace or not name or "/" in name:
+        raise click.BadParameter(f"expected NAMESPACE/NAME, got {value!r}", param_hint=param)
+    return namespace, name
+
+
+@cli.command()
+@_cluster_options
+@click.option(
+    "-n",
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Watch only these namespaces (repeatable); default: the whole cluster.",
+)
+@click.option("--xds-address", default="0.0.0.0:18000", show_default=True, callback=_address)
+@click.option("--metrics-address", default="0.0.0.0:15014", show_default=True, callback=_address)
+@click.option("--quiet-period", type=click.FloatRange(0, 10), default=0.1, show_default=True)
+@click.option("--max-delay", type=click.FloatRange(0, 60), default=1.0, show_default=True)
+@click.option("--resync", type=click.FloatRange(10, 86400), default=300.0, show_default=True, help="Seconds.")
+@click.option(
+    "--coredns/--no-coredns",
+    "manage_coredns",
+    default=True,
+    show_default=True,
+    help="Edit the CoreDNS Corefile for InternalGateways with dns.mode coredns.",
+)
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--dns-verify", metavar="HOST[:PORT]", help="The cluster DNS to probe after a Corefile write.")
+@click.option(
+    "--dns-address",
+    callback=lambda ctx, param, value: _address(ctx, param, value) if value else None,
+    metavar="HOST:PORT",
+    help="Serve the names of InternalGateways with dns.mode server here.",
+)
+@click.option("--lease", default="istio-system/canal-controller", show_default=True, metavar="NAMESPACE/NAME")
+@click.option("--leader-election/--no-leader-election", default=True, show_default=True)
+@click.option("--identity", envvar="POD_NAME", default=socket.gethostname, show_default="$POD_NAME or the host name")
+@click.option("--lease-duration", type=click.FloatRange(2, 300), default=15.0, show_default=True)
+@click.option("--renew-deadline", type=click.FloatRange(1, 300), default=10.0, show_default=True)
+@click.option("--retry-period", type=click.FloatRange(0.1, 60), default=2.0, show_default=True)
+def controller(
+    kubeconfig: str | None,
+    context: str | None,
+    configmap: str,
+    key: str,
+    namespaces: tuple[str, ...],
+    xds_address: str,
+    metrics_address: str,
+    quiet_period: float,
+    max_delay: float,
+    resync: float,
+    manage_coredns: bool,
+    cluster_domain: str,
+    dns_verify: str | None,
+    dns_address: str | None,
+    lease: str,
+    leader_election: bool,
+    identity: str,
+    lease_duration: float,
+    renew_deadline: float,
+    retry_period: float,
+) -> None:
+    """Run Canal in the cluster: watch the API, serve xDS (every replica), write status, Events and CoreDNS (the
+    leader only)."""
+    from canal.controller import ControllerOptions, serve  # noqa: PLC0415
+    from canal.kube.informer import DiscoveryError  # noqa: PLC0415
+
+    if max_delay < quiet_period:
+        raise click.BadParameter("--max-delay must be at least --quiet-period")
+    if not renew_deadline < lease_duration:
+        raise click.BadParameter("--renew-deadline must be shorter than --lease-duration")
+    options = ControllerOptions(
+        namespaces=namespaces,
+        xds_address=xds_address,
+        metrics_address=metrics_address,
+        quiet=quiet_period,
+        max_delay=max_delay,
+        resync=resync,
+        dns_address=dns_address,
+        coredns=_configmap_ref(configmap, key) if manage_coredns else None,
+        cluster_domain=cluster_domain,
+        dns_verify=_dns_address(dns_verify) if dns_verify else None,
+        lease=_namespaced_name(lease, "--lease") if leader_election else None,
+        identity=identity,
+        lease_duration=lease_duration,
+        renew_deadline=renew_deadline,
+        retry_period=retry_period,
+    )
+    try:
+        pool = 16 + 8 * max(1, len(namespaces))  # a watch per kind (and namespace), and room for the writers
+        asyncio.run(serve(api_client(kubeconfig, context, pool=pool), options))
+    except (DiscoveryError, OSError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+
+
+@cli.command()
+@_kube_options
+@click.option("-n", "--namespace", help="Only this namespace (default: all).")
+@click.argument("name", required=False)
+def status(kubeconfig: str | None, context: str | None, namespace: str | None, name: str | None) -> None:
+    """InternalGateway status: bound and rejected VirtualServices, proxies, nodes, DNS."""
+    from kubernetes.client import CustomObjectsApi  # noqa: PLC0415
+    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+    from canal.kube.status import GROUP, PLURAL, VERSION, describe, table  # noqa: PLC0415
+
+    api = CustomObjectsApi(api_client(kubeconfig, context))
+    try:
+        if name:
+            if not namespace:
+                raise click.UsageError("NAME needs -n NAMESPACE")
+            items = [api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)]
+        elif namespace:
+            items = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        else:
+            items = api.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+    except ApiException as err:
+        click.echo(f"error: {err.status} {err.reason}: {_api_message(err)}", err=True)
+        sys.exit(EXIT_REJECTED)
+    if not items:
+        click.echo("No InternalGateways found.", err=True)
+        return
+    click.echo(describe(items[0]) if name else table(items), nl=False)
+
+
+def _api_message(err: Any) -> str:
+    try:
+        return json.loads(err.body).get("message", "")
+    except (TypeError, ValueError):
+        return str(err.body or "")
 
 
 @cli.command("node-agent")

@@ -1,0 +1,474 @@
+"""`canal controller`: the in-cluster control plane. Informers -> incremental translation -> xDS, DNS and status.
+
+Every replica watches the cluster and serves xDS from its own informers, so gateway Envoys and node agents can
+connect to any replica. Only the leader (a coordination.k8s.io Lease) writes: InternalGateway status, Events and
+the CoreDNS Corefile. Losing the lease stops those writes at once; serving goes on.
+
+Change coalescing happens before translation: informer events are folded per object (the latest wins) and
+translated once per quiet period (``--quiet-period`` after the first event of a burst, never later than
+``--max-delay``), so a storm of edits costs one recomputation, not one per event. The publisher then pushes
+at once (its own quiet period is zero here: the wait already happened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from canal.desired import DesiredState, DnsRecord
+from canal.kube import informer as informers
+from canal.kube.events import EventRecorder, Notice
+from canal.kube.status import DnsView, FleetView, Nack, StatusWriter, gateway_status, now
+from canal.model.base import ObjectRef, Rejection
+from canal.serving import Serving, ServingOptions
+from canal.snapshot import Parsed, parse_object, ref_of
+from canal.translate import Translator
+from canal.xds.types import NODE_AGENT_GROUP
+
+log = logging.getLogger(__name__)
+
+ISTIO_GROUP = "networking.istio.io"
+_DROP_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+@dataclass
+class ControllerOptions:
+    namespaces: tuple[str, ...] = ()  # empty: the whole cluster
+    xds_address: str = "0.0.0.0:18000"
+    metrics_address: str = "0.0.0.0:15014"
+    quiet: float = 0.1
+    max_delay: float = 1.0
+    resync: float = 300.0
+    status_interval: float = 1.0
+    # DNS: Canal's own server (dns.mode: server), and the CoreDNS ConfigMap (dns.mode: coredns; None: not managed)
+    dns_address: str | None = None
+    dns_upstreams: list[tuple[str, int]] | None = None
+    dns_forward: bool = True
+    coredns: Any = None  # a canal.dns.coredns.ConfigMapRef
+    cluster_domain: str = "cluster.local"
+    dns_verify: tuple[str, int] | None = None  # the cluster DNS to probe after a Corefile write
+    dns_verify_timeout: float = 60.0
+    # leader election; lease None: this replica always leads (a single replica, or tests)
+    lease: tuple[str, str] | None = ("istio-system", "canal-controller")
+    identity: str = ""
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+
+
+def slim(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """What the translator reads, without the bulk it does not (managedFields, last-applied copies, most of a
+    Pod): the controller keeps one parsed copy of every object, so every byte per object counts at 50,000."""
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict):
+        metadata.pop("managedFields", None)
+        annotations = metadata.get("annotations")
+        if isinstance(annotations, dict):
+            for key in _DROP_ANNOTATIONS:
+                annotations.pop(key, None)
+    if obj.get("kind") == "Pod":
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        obj["spec"] = {"nodeName": spec.get("nodeName", "")} if isinstance(spec, dict) else {}
+        if isinstance(status, dict):
+            obj["status"] = {k: status[k] for k in ("phase", "podIP", "podIPs", "conditions") if k in status}
+    return obj
+
+
+class KubeSource:
+    """Informer events -> the latest change per object, waiting to be translated."""
+
+    def __init__(
+        self, api: Any, namespaces: tuple[str, ...], resync: float, wake: Callable[[], None], registry: Any = None
+    ) -> None:
+        self.api = api
+        self.metrics = informers.InformerMetrics(registry)
+        self.namespaces = namespaces
+        self.resync = resync
+        self.wake = wake
+        self._lock = threading.Lock()
+        self._pending: dict[ObjectRef, Parsed | ObjectRef] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.informers: list[informers.Informer] = []
+        self.istio_version = ""
+
+    def resources(self) -> list[informers.Resource]:
+        """Every kind at the version the API server serves; a missing CRD (InternalGateway, Istio's) is an error
+        that names it, not an informer that backs off forever."""
+        found = [informers.resolve(self.api, resource) for resource in informers.RESOURCES]
+        self.istio_version = next(r.version for r in found if r.group == ISTIO_GROUP)
+        log.info("watching %s", ", ".join(str(r) for r in found))
+        return found
+
+    def start(self) -> None:
+        for resource in self.resources():
+            scopes: Iterable[str | None] = (
+                (None,) if not resource.namespaced or not self.namespaces else self.namespaces
+            )
+            for namespace in scopes:
+                self.informers.append(
+                    informers.Informer(
+                        self.api,
+                        resource,
+                        namespace,
+                        self._on_events,
+                        transform=slim,
+                        resync=self.resync,
+                        metrics=self.metrics,
+                        # Pods only matter once they have an address; the rest is churn (pending, scheduling)
+                        field_selector="status.phase=Running" if resource.kind == "Pod" else None,
+                    )
+                )
+        for inf in self.informers:
+            thread = threading.Thread(target=inf.run, args=(self._stop,), name=f"informer-{inf.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def synced(self) -> bool:
+        return bool(self.informers) and all(i.synced.is_set() for i in self.informers)
+
+    def _on_events(self, events: list[informers.Event]) -> None:
+        """Informer threads: parse here (off the event loop) and keep only the latest change per object."""
+        changes: list[tuple[ObjectRef, Parsed | ObjectRef]] = []
+        for event in events:
+            ref = ref_of(event.obj)
+            if ref is None:
+                continue
+            if event.type == "DELETED":
+                changes.append((ref, ref))
+            else:
+                parsed = parse_object(event.obj)
+                if parsed is not None:
+                    changes.append((ref, parsed))
+        if not changes:
+            return
+        with self._lock:
+            self._pending.update(changes)
+        self.wake()
+
+    def take(self) -> list[Parsed | ObjectRef]:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        return list(pending.values())
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+@dataclass
+class DnsProgress:
+    """The CoreDNS writer's view: what was written and whether the cluster DNS answers it yet."""
+
+    written: Mapping[str, DnsRecord] = field(default_factory=dict)
+    verified: dict[str, DnsView] = field(default_factory=dict)  # by gateway
+    error: str = ""
+
+
+class Controller:
+    def __init__(self, api: Any, options: ControllerOptions) -> None:
+        from kubernetes import client  # noqa: PLC0415 - kubernetes imports slowly; only the controller needs it
+
+        self.api = api
+        self.options = options
+        self.serving = Serving(
+            ServingOptions(
+                options.xds_address,
+                options.metrics_address,
+                0.0,
+                0.0,
+                options.dns_address,
+                options.dns_upstreams,
+                options.dns_forward,
+            ),
+            ready=self.ready,
+            status=self.status,
+            on_publish=self._published,
+        )
+        self.translator = Translator()
+        self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.source = KubeSource(api, options.namespaces, options.resync, self._wake, self.serving.registry)
+        self.elector: Any = None
+        self.status_writer = StatusWriter(client.CustomObjectsApi(api), self.is_leader)
+        self.events = EventRecorder(client.CoreV1Api(api), self.is_leader, host=options.identity)
+        self.dns_progress = DnsProgress()
+        self.corefile: Any = None
+        if options.coredns is not None:
+            from canal.dns import coredns  # noqa: PLC0415
+            from canal.dns.corefile import render_corefile, strip_canal_block  # noqa: PLC0415
+
+            self.corefile = coredns.CorefileWriter(
+                client.CoreV1Api(api),
+                functools.partial(render_corefile, cluster_domain=options.cluster_domain),
+                options.coredns,
+                strip=strip_canal_block,
+                metrics=coredns.CorednsMetrics(self.serving.registry),
+            )
+        self.translations = 0
+        self._stop = asyncio.Event()
+        self._status_due = asyncio.Event()
+        self._dns_due = asyncio.Event()
+        self._published_state = DesiredState()
+
+    # ------------------------------------------------------------------------------------------ leadership
+
+    def is_leader(self) -> bool:
+        return self.elector is None or bool(self.elector.is_leader)
+
+    def _start_elector(self) -> None:
+        if self.options.lease is None:
+            return
+        from canal.kube.leader import LeaderElector  # noqa: PLC0415
+
+        namespace, name = self.options.lease
+        self.elector = LeaderElector(
+            self.api,
+            namespace,
+            name,
+            self.options.identity,
+            lease_duration=self.options.lease_duration,
+            renew_deadline=self.options.renew_deadline,
+            retry_period=self.options.retry_period,
+            on_started_leading=self._became_leader,
+            on_stopped_leading=lambda: log.warning("lost leadership: status, Events and CoreDNS writes stop"),
+            registry=self.serving.registry,
+        )
+        thread = threading.Thread(target=self.elector.run, args=(self.source._stop,), name="leader", daemon=True)
+        thread.start()
+
+    def _became_leader(self) -> None:
+        log.info("leading (%s): writing status, Events and CoreDNS", self.options.identity)
+        self.status_writer.forget()  # another leader may have written meanwhile: read before writing
+        self.dns_progress.written = {}
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._status_due.set)
+            self._loop.call_soon_threadsafe(self._dns_due.set)
+
+    # ------------------------------------------------------------------------------------------ probes
+
+    def ready(self) -> bool:
+        return self.source.synced() and self.translations > 0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "controller": {
+                "leader": self.is_leader(),
+                "identity": self.options.identity,
+                "istioVersion": self.source.istio_version,
+                "synced": self.source.synced(),
+                "translations": self.translations,
+                "statusWrites": self.status_writer.writes,
+                "events": self.events.sent,
+                "dnsError": self.dns_progress.error or None,
+            }
+        }
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def _wake(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    async def _translate_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            started = time.monotonic()
+            # fold a burst: wait for a quiet period with no new events, at most max_delay after the first
+            while True:
+                self._wakeup.clear()
+                remaining = self.options.max_delay - (time.monotonic() - started)
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), min(self.options.quiet, remaining))
+                except TimeoutError:
+                    break
+            self._wakeup.clear()
+            changes = self.source.take()
+            if not changes and self.translations:
+                continue
+            state = self.translator.apply(changes)
+            self.translations += 1
+            self.serving.submit(state)
+            self._status_due.set()
+
+    def _published(self, state: DesiredState) -> None:
+        self._published_state = state
+        self._dns_due.set()
+        self._status_due.set()
+
+    async def _status_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_due.wait(), self.options.status_interval)
+            self._status_due.clear()
+            if not self.is_leader() or not self.translations:
+                continue
+            try:
+                await asyncio.to_thread(self.write_status, self._published_state)
+            except Exception as error:
+                log.warning("status: %s", error)
+
+    async def _dns_loop(self) -> None:
+        while True:
+            await self._dns_due.wait()
+            self._dns_due.clear()
+            if self.corefile is None or not self.is_leader():
+                continue
+            records = {n: r for n, r in self._published_state.dns.items() if r.mode == "coredns"}
+            if records == self.dns_progress.written:
+                continue
+            await asyncio.to_thread(self._write_corefile, records)
+            self._status_due.set()
+
+    def _write_corefile(self, records: Mapping[str, DnsRecord]) -> None:
+        from canal.dns import coredns  # noqa: PLC0415
+
+        progress = self.dns_progress
+        try:
+            result = self.corefile.apply(records)
+        except coredns.CorednsError as error:
+            progress.error = str(error)
+            for gateway in {r.gateway for r in records.values()}:
+                progress.verified[gateway] = DnsView("coredns", False, "CorefileNotWritten", str(error))
+            log.error("CoreDNS: %s", error)
+            return
+        progress.error = ""
+        progress.written = dict(records)
+        by_gateway: dict[str, list[DnsRecord]] = {}
+        for record in records.values():
+            by_gateway.setdefault(record.gateway, []).append(record)
+        for gateway, owned in by_gateway.items():
+            if self.options.dns_verify is None:
+                message = f"{len(owned)} name(s) in the Corefile (not verified: no --dns-verify address)"
+                progress.verified[gateway] = DnsView("coredns", True, "Written", message)
+                continue
+            sample = min(owned, key=lambda r: r.fqdn)
+            outcome = coredns.verify(
+                sample.fqdn,
+                sample.addresses,
+                f"{self.options.dns_verify[0]}:{self.options.dns_verify[1]}",
+                deadline=self.options.dns_verify_timeout,
+                since=result.written_at,
+                metrics=self.corefile.metrics,
+            )
+            progress.verified[gateway] = DnsView("coredns", outcome.ok, outcome.reason, outcome.message)
+
+    # ------------------------------------------------------------------------------------------ status
+
+    def _fleet(self, xds: Mapping[str, Any], group: str) -> FleetView:
+        proxies = xds.get(group, {}).get("proxies", [])
+        nacks = tuple(
+            Nack(p["node"], kind, message) for p in proxies for kind, message in sorted(p.get("errors", {}).items())
+        )
+        return FleetView(len(proxies), sum(1 for p in proxies if p["converged"]), nacks)
+
+    def _dns_view(self, gateway: str, mode: str, state: DesiredState) -> DnsView:
+        if mode == "none":
+            return DnsView("none")
+        names = sum(1 for r in state.dns.values() if r.gateway == gateway)
+        if mode == "server":
+            dns = self.serving.dns
+            if dns is None:
+                return DnsView("server", False, "NoDnsServer", "dns.mode is server but --dns-address is not set")
+            return DnsView("server", True, "Serving", f"{names} name(s) served by Canal's DNS server")
+        if self.corefile is None:
+            return DnsView("coredns", False, "NotManaged", "CoreDNS is not managed by this controller (--no-coredns)")
+        if names == 0:
+            return DnsView("coredns", True, "NoNames", "no names to rewrite")
+        return self.dns_progress.verified.get(gateway, DnsView("coredns", None, "Pending", "Corefile not written yet"))
+
+    def write_status(self, state: DesiredState) -> None:
+        """Blocking (runs in a thread): one status document per InternalGateway, Events for new problems."""
+        xds = self.serving.server.status()
+        nodes = self._fleet(xds, NODE_AGENT_GROUP)
+        notices: list[Notice] = [
+            Notice(r.ref, "Rejected", f"{r.field or '<object>'}: {r.reason}") for r in state.rejections()
+        ]
+        at = now()
+        for ref, translated in state.status.items():
+            if ref.kind != "InternalGateway":
+                continue
+            group = f"{ref.namespace}/{ref.name}"
+            gateway = self.translator_gateway(ref)
+            proxies = self._fleet(xds, group)
+            notices.extend(
+                Notice(ref, "ConfigRejected", f"{n.node} rejected {n.type}: {n.message}") for n in proxies.nacks
+            )
+            rejections = self._rejections_of(state, ref, translated.rejected)
+            dns = self._dns_view(group, gateway.get("dns_mode", "coredns"), state)
+            redirect_mode = gateway.get("redirect_mode", "nftables")
+            self.status_writer.write(
+                ref,
+                lambda previous, t=translated, p=proxies, d=dns, m=redirect_mode, rj=rejections: gateway_status(
+                    t, p, nodes, d, m, rj, previous, at
+                ),
+            )
+        self.events.sync(notices)
+
+    def translator_gateway(self, ref: ObjectRef) -> dict[str, str]:
+        ig = self.translator.snapshot.get("InternalGateway", ref.namespace, ref.name)
+        if ig is None:
+            return {}
+        return {"dns_mode": ig.dns_mode, "redirect_mode": ig.redirect_mode}
+
+    @staticmethod
+    def _rejections_of(state: DesiredState, ref: ObjectRef, rejected: Iterable[str]) -> list[Rejection]:
+        out = list(state.status[ref].rejections)
+        for name in rejected:
+            namespace, _, short = name.partition("/")
+            other = state.status.get(ObjectRef("VirtualService", namespace, short))
+            if other is not None:
+                out.extend(other.rejections)
+        return out
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.source.start()
+        self._start_elector()
+        self._wakeup.set()  # the first translation, even of an empty cluster, once the lists arrive
+        deadline = time.monotonic() + 60
+        while not self.source.synced() and time.monotonic() < deadline and not self._stop.is_set():
+            await asyncio.sleep(0.05)  # serve only complete lists: never a partial state to the proxies
+        tasks = [
+            asyncio.create_task(self._translate_loop()),
+            asyncio.create_task(self._status_loop()),
+            asyncio.create_task(self._dns_loop()),
+        ]
+        await self._first_translation()
+        await self.serving.start()
+        try:
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.source.stop()
+            await self.serving.close()
+
+    async def _first_translation(self) -> None:
+        while not self.translations and not self._stop.is_set():
+            await asyncio.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def serve(api: Any, options: ControllerOptions) -> None:
+    controller = Controller(api, options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, controller.stop)
+    await controller.run()

@@ -1,0 +1,224 @@
+"""`canal controller` end to end: examples/helloworld applied to the test Kubernetes API server, the controller's
+informers bind the VirtualService, a real Envoy (bootstrap from `canal bootstrap`) routes /hello to a loopback
+backend, Canal's DNS server answers the gateway address, and the InternalGateway's status says so; deleting the
+VirtualService takes the route, the name and the redirect away, and status follows.
+
+The example is applied as shipped except for what a loopback test must change: ports (free ones instead of 5000),
+the backend pods' addresses (127.0.0.x, where the test's backends listen) and dns.mode server (Canal's own DNS
+server instead of CoreDNS). Expected values come from the example (its ClusterIPs, names) and from what the test
+changed, never from the controller's output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from canal.controller import Controller, ControllerOptions
+from canal.desired import RedirectKey
+from tests.conftest import run_canal
+from tests.envoy_harness import Envoy, backends, free_port, request, wait_for
+from tests.kube_api import KubeApiServer, ResourceType, custom_resource
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "helloworld.default.svc.cluster.local"
+GATEWAY_IP = "10.96.0.50"  # the canal-gateway Service's ClusterIP in the example
+HELLO_CLUSTER_IP = "10.96.120.15"
+IG = ("istio-system", "canal")
+
+RESOURCES = (
+    custom_resource("canal.io/v1alpha1", "InternalGateway", "internalgateways"),
+    custom_resource("networking.istio.io/v1", "Gateway", "gateways"),
+    custom_resource("networking.istio.io/v1", "VirtualService", "virtualservices"),
+    custom_resource("networking.istio.io/v1", "DestinationRule", "destinationrules"),
+    ResourceType("", "v1", "events", "Event"),
+)
+
+
+def example(port: int, backend_port: int) -> list[dict[str, Any]]:
+    """examples/helloworld with the loopback changes (see the module docstring)."""
+    out = []
+    for path in sorted((ROOT / "examples/helloworld").glob("*.yaml")):
+        out += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    pods = {"helloworld-v1-6f7d8c9b5-abcde": "127.0.0.2", "helloworld-v2-5c4b3a2d1-fghij": "127.0.0.3"}
+    for obj in out:
+        kind, spec = obj["kind"], obj.get("spec") or {}
+        if kind == "Gateway":
+            for server in spec["servers"]:
+                server["port"]["number"] = port
+        elif kind == "Service":
+            for p in spec["ports"]:
+                p["port"] = p["targetPort"] = port
+        elif kind == "EndpointSlice":
+            obj["ports"][0]["port"] = backend_port
+            for endpoint, ip in zip(obj["endpoints"], pods.values(), strict=True):
+                endpoint["addresses"] = [ip]
+        elif kind == "Pod" and obj["metadata"]["name"] in pods:
+            ip = pods[obj["metadata"]["name"]]
+            obj["status"]["podIP"], obj["status"]["podIPs"] = ip, [{"ip": ip}]
+        elif kind == "InternalGateway":
+            spec["dns"]["mode"] = "server"
+        elif kind == "VirtualService":
+            for rule in spec.get("http", []):
+                for dest in rule.get("route", []):
+                    if "port" in dest["destination"]:
+                        dest["destination"]["port"]["number"] = port
+    return out
+
+
+class Running:
+    """The controller on its own event loop in a thread, as `canal controller` runs it."""
+
+    def __init__(self, api: Any, options: ControllerOptions) -> None:
+        self.controller = Controller(api, options)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._main, name="controller", daemon=True)
+        self.error: BaseException | None = None
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            self.loop.run_until_complete(self.controller.run())
+        except BaseException as error:
+            self.error = error
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.controller.stop)
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "the controller did not stop"
+        self.loop.close()
+        assert self.error is None, self.error
+
+
+def ask(port: int, name: str) -> DNSRecord:
+    return DNSRecord.parse(DNSRecord.question(name, "A").send("127.0.0.1", port, timeout=2))
+
+
+def conditions(server: KubeApiServer) -> dict[str, tuple[str, str]]:
+    obj = server.get("canal.io/v1alpha1", "InternalGateway", IG[1], IG[0]) or {}
+    return {c["type"]: (c["status"], c["reason"]) for c in (obj.get("status") or {}).get("conditions", [])}
+
+
+def status_of(server: KubeApiServer) -> dict[str, Any]:
+    obj = server.get("canal.io/v1alpha1", "InternalGateway", IG[1], IG[0]) or {}
+    return obj.get("status") or {}
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    port, backend_port, xds_port, dns_port, metrics_port = (free_port() for _ in range(5))
+    with (
+        KubeApiServer(RESOURCES) as server,
+        backends(("v1", "127.0.0.2", backend_port), ("v2", "127.0.0.3", backend_port)) as started,
+    ):
+        objects = example(port, backend_port)
+        for obj in objects:
+            server.create(copy.deepcopy(obj))
+        options = ControllerOptions(
+            xds_address=f"127.0.0.1:{xds_port}",
+            metrics_address=f"127.0.0.1:{metrics_port}",
+            quiet=0.05,
+            status_interval=0.2,
+            dns_address=f"127.0.0.1:{dns_port}",
+            dns_forward=False,
+            coredns=None,
+            lease=None,
+            identity="test-controller",
+        )
+        running = Running(server.client(), options)
+        envoy = None
+        try:
+            envoy = Envoy(tmp_path, xds_port)
+            yield {
+                "server": server,
+                "running": running,
+                "port": port,
+                "dns_port": dns_port,
+                "objects": objects,
+                "backends": started,
+                "envoy": envoy,
+                "tmp": tmp_path,
+            }
+        finally:
+            if envoy is not None:
+                envoy.stop()
+            running.stop()
+
+
+@pytest.mark.timeout(120)
+def test_helloworld_through_the_api_server(world: dict[str, Any]) -> None:
+    server, port, dns_port = world["server"], world["port"], world["dns_port"]
+    controller: Controller = world["running"].controller
+    reply = wait_for(lambda: (r := request(port, "/hello", HOST)).status == 200 and r, what="Envoy routes /hello")
+    assert reply.json["backend"] in ("v1", "v2")  # answered by one of the example's two pods
+    answer = ask(dns_port, HOST)
+    assert [str(rr.rdata) for rr in answer.rr if rr.rtype == QTYPE.A] == [GATEWAY_IP]
+    assert RedirectKey(HELLO_CLUSTER_IP, "tcp", port) in controller.serving.state.redirects
+    wait_for(
+        lambda: conditions(server).get("Programmed") == ("True", "Programmed"),
+        what="status Programmed=True once the Envoy ACKed",
+    )
+    found = conditions(server)
+    assert found["Accepted"] == ("True", "Accepted")
+    assert found["DNSProgrammed"] == ("True", "Serving")
+    assert found["NodesProgrammed"] == ("False", "NoNodeAgents")  # redirect.mode nftables, no agent here
+    status = status_of(server)
+    assert status["boundVirtualServices"] == ["default/helloworld"] and status["proxies"] == {
+        "connected": 1,
+        "programmed": 1,
+    }
+    generation = server.get("canal.io/v1alpha1", "InternalGateway", IG[1], IG[0])["metadata"]["generation"]
+    assert status["observedGeneration"] == generation
+
+    # what `canal status` prints of it, as a user runs it
+    kubeconfig = str(server.write_kubeconfig(world["tmp"] / "kubeconfig"))
+    listed = run_canal("status", "--kubeconfig", kubeconfig)
+    assert listed.returncode == 0, listed.stderr
+    row = listed.stdout.splitlines()[1].split()
+    assert row[:9] == ["istio-system", "canal", "canal", "1", "0", "True", "1/1", "True", "0/0"]
+    detail = run_canal("status", "--kubeconfig", kubeconfig, "-n", "istio-system", "canal")
+    assert "Programmed=True Programmed: 1/1 proxies ACKed the current config" in detail.stdout
+    assert "Bound VirtualServices (1):\n  default/helloworld" in detail.stdout
+
+    # the VirtualService goes: the route, the name and the redirect follow, and so does status
+    server.delete("networking.istio.io/v1", "VirtualService", "helloworld", "default")
+    wait_for(lambda: request(port, "/hello", HOST).status == 404, what="the route removed from Envoy")
+    wait_for(lambda: ask(dns_port, HOST).header.rcode == RCODE.REFUSED, what="the name no longer Canal's")
+    assert not controller.serving.state.redirects
+    wait_for(lambda: status_of(server).get("boundCount") == 0, what="status: nothing bound")
+    assert status_of(server)["boundVirtualServices"] == []
+
+
+@pytest.mark.timeout(120)
+def test_a_broken_virtualservice_is_reported_and_the_good_ones_keep_serving(world: dict[str, Any]) -> None:
+    server, port = world["server"], world["port"]
+    wait_for(lambda: request(port, "/hello", HOST).status == 200, what="Envoy routes /hello")
+    broken = copy.deepcopy(next(o for o in world["objects"] if o["kind"] == "VirtualService"))
+    broken["metadata"]["name"] = "broken"
+    broken["spec"]["hosts"] = ["broken.default.svc.cluster.local"]
+    broken["spec"]["http"] = [{"route": [{"destination": {"host": "nope.default.svc.cluster.local"}}]}]
+    server.create(broken)
+
+    def rejected() -> list[dict[str, Any]]:
+        return [r for r in status_of(server).get("rejected", []) if r["name"] == "broken"]
+
+    wait_for(rejected, what="the broken VirtualService in the gateway's status")
+    (entry,) = rejected()
+    assert entry["kind"] == "VirtualService" and entry["namespace"] == "default" and "nope" in entry["reason"]
+    assert request(port, "/hello", HOST).status == 200  # the good VirtualService is still served
+
+    def events() -> list[dict[str, Any]]:
+        items, _ = server.store.list(server.store.kind("v1", "Event"), "default")
+        return [e for e in items if e["involvedObject"]["name"] == "broken"]
+
+    wait_for(events, what="an Event on the broken VirtualService")
+    (event,) = events()
+    assert event["reason"] == "Rejected" and event["type"] == "Warning" and "nope" in event["message"]
+    assert event["involvedObject"]["kind"] == "VirtualService"

@@ -223,7 +223,9 @@ class Controller:
     # ------------------------------------------------------------------------------------------ leadership
 
     def is_leader(self) -> bool:
-        return self.elector is None or bool(self.elector.is_leader)
+        if self.options.lease is None:
+            return True  # no election: the only replica
+        return self.elector is not None and bool(self.elector.is_leader)
 
     def _start_elector(self) -> None:
         if self.options.lease is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,29 @@ def status_of(server: KubeApiServer) -> dict[str, Any]:
     return obj.get("status") or {}
 
 
+def controller_options(**overrides: Any) -> ControllerOptions:
+    defaults: dict[str, Any] = {
+        "xds_address": f"127.0.0.1:{free_port()}",
+        "metrics_address": f"127.0.0.1:{free_port()}",
+        "quiet": 0.05,
+        "status_interval": 0.2,
+        "dns_forward": False,
+        "coredns": None,
+        "lease": None,
+        "identity": "test-controller",
+    }
+    defaults.update(overrides)
+    return ControllerOptions(**defaults)
+
+
+def xds_port(running: Running) -> int:
+    return int(running.controller.options.xds_address.rsplit(":", 1)[1])
+
+
 @pytest.fixture
-def world(tmp_path: Path):
-    port, backend_port, xds_port, dns_port, metrics_port = (free_port() for _ in range(5))
+def cluster(tmp_path: Path):
+    """The API server with the example applied, and the backends its pods stand for (no controller yet)."""
+    port, backend_port = free_port(), free_port()
     with (
         KubeApiServer(RESOURCES) as server,
         backends(("v1", "127.0.0.2", backend_port), ("v2", "127.0.0.3", backend_port)) as started,
@@ -121,35 +142,22 @@ def world(tmp_path: Path):
         objects = example(port, backend_port)
         for obj in objects:
             server.create(copy.deepcopy(obj))
-        options = ControllerOptions(
-            xds_address=f"127.0.0.1:{xds_port}",
-            metrics_address=f"127.0.0.1:{metrics_port}",
-            quiet=0.05,
-            status_interval=0.2,
-            dns_address=f"127.0.0.1:{dns_port}",
-            dns_forward=False,
-            coredns=None,
-            lease=None,
-            identity="test-controller",
-        )
-        running = Running(server.client(), options)
-        envoy = None
-        try:
-            envoy = Envoy(tmp_path, xds_port)
-            yield {
-                "server": server,
-                "running": running,
-                "port": port,
-                "dns_port": dns_port,
-                "objects": objects,
-                "backends": started,
-                "envoy": envoy,
-                "tmp": tmp_path,
-            }
-        finally:
-            if envoy is not None:
-                envoy.stop()
-            running.stop()
+        yield {"server": server, "port": port, "objects": objects, "backends": started, "tmp": tmp_path}
+
+
+@pytest.fixture
+def world(cluster: dict[str, Any]):
+    """The cluster, one controller (no leader election) with Canal's DNS server, and a real Envoy."""
+    dns_port = free_port()
+    running = Running(cluster["server"].client(), controller_options(dns_address=f"127.0.0.1:{dns_port}"))
+    envoy = None
+    try:
+        envoy = Envoy(cluster["tmp"], xds_port(running))
+        yield {**cluster, "running": running, "dns_port": dns_port, "envoy": envoy}
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        running.stop()
 
 
 @pytest.mark.timeout(120)
@@ -222,3 +230,123 @@ def test_a_broken_virtualservice_is_reported_and_the_good_ones_keep_serving(worl
     (event,) = events()
     assert event["reason"] == "Rejected" and event["type"] == "Warning" and "nope" in event["message"]
     assert event["involvedObject"]["kind"] == "VirtualService"
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+class Traffic:
+    """Requests to /hello every 20 ms in a thread: every answer that is not a 200 is a failure."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                reply = request(self.port, "/hello", HOST, timeout=2)
+            except OSError as error:
+                self.failures.append(repr(error))
+                continue
+            if reply.status == 200:
+                self.ok += 1
+            else:
+                self.failures.append(f"{reply.status} {reply.body[:80]!r}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def with_header(server: KubeApiServer, value: str, *, silent: bool = False) -> None:
+    """Make the helloworld route add a response header: a change Envoy must apply, visible in every answer."""
+
+    def mutate(obj: dict[str, Any]) -> None:
+        for rule in obj["spec"]["http"]:
+            rule["headers"] = {"response": {"set": {"x-canal-test": value}}}
+
+    server.modify("networking.istio.io/v1", "VirtualService", "helloworld", "default", mutate, silent=silent)
+
+
+def header_is(port: int, value: str) -> bool:
+    reply = request(port, "/hello", HOST)
+    return reply.status == 200 and reply.headers.get("x-canal-test") == value
+
+
+@pytest.mark.timeout(180)
+def test_watch_drops_410_and_api_server_restarts_converge_and_envoy_keeps_serving(world: dict[str, Any]) -> None:
+    server, port = world["server"], world["port"]
+    wait_for(lambda: request(port, "/hello", HOST).status == 200, what="Envoy routes /hello")
+    traffic = Traffic(port)
+    try:
+        # a dropped watch: the informer resumes, the next change arrives
+        assert server.drop_watches() > 0
+        with_header(server, "after-drop")
+        wait_for(lambda: header_is(port, "after-drop"), what="a change after the watches were cut")
+        # the API server goes away; meanwhile the VirtualService changes and the history is compacted, so the
+        # informers' resume version is gone (410): they list again and find the change
+        with server.outage():
+            with_header(server, "after-restart")
+            server.compact()
+            time.sleep(1.0)  # informers back off, proxies keep their config
+        wait_for(lambda: header_is(port, "after-restart"), timeout=40, what="the change made during the outage")
+        # 409s on status writes: the next status is still written
+        server.inject_conflict("canal.io/v1alpha1", "InternalGateway", IG[1], IG[0], times=3)
+        broken = copy.deepcopy(next(o for o in world["objects"] if o["kind"] == "VirtualService"))
+        broken["metadata"]["name"] = "broken"
+        broken["spec"]["hosts"] = ["broken.default.svc.cluster.local"]
+        broken["spec"]["http"] = [{"route": [{"destination": {"host": "nope.default.svc.cluster.local"}}]}]
+        server.create(broken)
+        wait_for(
+            lambda: any(r["name"] == "broken" for r in status_of(server).get("rejected", [])),
+            what="status written through 409 conflicts",
+        )
+        assert world["running"].controller.status_writer.conflicts >= 1
+    finally:
+        traffic.stop()
+    assert traffic.ok > 20
+    assert traffic.failures == [], traffic.failures[:5]
+
+
+@pytest.mark.timeout(180)
+def test_only_the_leader_writes_and_a_new_leader_takes_over(cluster: dict[str, Any]) -> None:
+    server, port = cluster["server"], cluster["port"]
+    lease = {"lease": ("istio-system", "canal-controller"), "lease_duration": 2.0, "renew_deadline": 1.0}
+    replicas = [
+        Running(server.client(), controller_options(identity=name, retry_period=0.2, **lease)) for name in ("a", "b")
+    ]
+    envoy = None
+    try:
+        leaders = wait_for(lambda: [r for r in replicas if r.controller.is_leader()] or None, what="one replica leads")
+        (leader,) = leaders
+        (follower,) = [r for r in replicas if r is not leader]
+        # the gateway connects to the follower: every replica serves xDS
+        envoy = Envoy(cluster["tmp"], xds_port(follower))
+        wait_for(lambda: request(port, "/hello", HOST).status == 200, what="Envoy programmed by the follower")
+        wait_for(lambda: status_of(server).get("conditions"), what="the leader writes status")
+        assert leader.controller.status_writer.writes >= 1
+        assert follower.controller.status_writer.writes == 0 and follower.controller.events.sent == 0
+        # the leader goes away without releasing its lease (as a crashed pod): the follower takes over once the
+        # lease expires, and its status shows the Envoy connected to it
+        leader.controller.elector.release_on_cancel = False
+        traffic = Traffic(port)
+        leader.stop()
+        replicas.remove(leader)
+        wait_for(follower.controller.is_leader, timeout=10, what="the follower leads")
+        wait_for(
+            lambda: conditions(server).get("Programmed") == ("True", "Programmed"),
+            what="the new leader's status: its own Envoy ACKed",
+        )
+        assert follower.controller.status_writer.writes >= 1
+        traffic.stop()
+        assert traffic.failures == [], traffic.failures[:5]
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        for running in replicas:
+            running.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import threading
 import time
 from pathlib import Path
@@ -350,3 +351,84 @@ def test_only_the_leader_writes_and_a_new_leader_takes_over(cluster: dict[str, A
             envoy.stop()
         for running in replicas:
             running.stop()
+
+
+# ------------------------------------------------------------------------------------------------ CoreDNS mode
+
+
+@pytest.mark.timeout(120)
+def test_the_leader_edits_the_coredns_corefile_and_status_says_so(cluster: dict[str, Any]) -> None:
+    """dns.mode coredns (put back as the example ships it): the Corefile gets the rewrite of helloworld's name to
+    the gateway Service, and DNSProgrammed says it was written (no --dns-verify address here to probe)."""
+    from canal.dns.coredns import ConfigMapRef
+
+    server = cluster["server"]
+    server.modify(
+        "canal.io/v1alpha1", "InternalGateway", IG[1], IG[0], lambda o: o["spec"]["dns"].update({"mode": "coredns"})
+    )
+    original = (ROOT / "tests/corefiles/kubeadm.Corefile").read_text()
+    server.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+            "data": {"Corefile": original},
+        }
+    )
+    running = Running(server.client(), controller_options(coredns=ConfigMapRef("kube-system", "coredns", "Corefile")))
+    try:
+
+        def corefile() -> str:
+            return server.get("v1", "ConfigMap", "coredns", "kube-system")["data"]["Corefile"]
+
+        rule = f"rewrite stop name exact {HOST} canal-gateway.istio-system.svc.cluster.local"
+        wait_for(lambda: rule in corefile(), what="Canal's rewrite rule in the Corefile")
+        wait_for(lambda: conditions(server).get("DNSProgrammed") == ("True", "Written"), what="DNSProgrammed")
+        annotations = server.get("v1", "ConfigMap", "coredns", "kube-system")["metadata"]["annotations"]
+        assert annotations["canal.io/original-corefile"] == original
+        server.delete("networking.istio.io/v1", "VirtualService", "helloworld", "default")
+        wait_for(lambda: corefile() == original, what="the original Corefile back once nothing is migrated")
+    finally:
+        running.stop()
+
+
+@pytest.mark.timeout(120)
+def test_canal_controller_runs_from_the_command_line(cluster: dict[str, Any]) -> None:
+    """As the Deployment runs it: a kubeconfig, /ready once synced and translated, a clean exit on SIGTERM."""
+    import signal
+    import subprocess
+    import urllib.request
+
+    from tests.conftest import CANAL
+
+    server = cluster["server"]
+    kubeconfig = server.write_kubeconfig(cluster["tmp"] / "kubeconfig")
+    metrics = free_port()
+    addresses = ["--xds-address", f"127.0.0.1:{free_port()}", "--metrics-address", f"127.0.0.1:{metrics}"]
+    process = subprocess.Popen(
+        [str(CANAL), "controller", "--kubeconfig", str(kubeconfig), "--no-coredns", "--no-leader-election", *addresses],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/ready", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=60, what="canal controller ready")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/status", timeout=2) as response:
+            body = json.loads(response.read())
+        assert body["controller"]["synced"] and body["controller"]["istioVersion"] == "v1"
+        assert body["xds"]["istio-system/canal"]["serial"] >= 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.communicate()[0]
+    assert "Traceback" not in output, output

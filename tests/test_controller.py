@@ -432,3 +432,38 @@ def test_canal_controller_runs_from_the_command_line(cluster: dict[str, Any]) ->
             process.kill()
         output = process.communicate()[0]
     assert "Traceback" not in output, output
+
+
+@pytest.mark.timeout(120)
+def test_leadership_lost_stops_writes_and_regained_resumes_them(cluster: dict[str, Any]) -> None:
+    server = cluster["server"]
+    options = controller_options(
+        identity="solo", lease=("istio-system", "canal-controller"), lease_duration=2.0, renew_deadline=1.0,
+        retry_period=0.2,
+    )  # fmt: skip
+    running = Running(server.client(), options)
+    controller = running.controller
+    try:
+        wait_for(lambda: status_of(server).get("conditions"), what="the leader writes status")
+        writes = controller.status_writer.writes
+        # the Lease cannot be renewed for a while (its updates fail): leadership is lost, writes stop
+        server.inject_failure(500, times=40, kind="Lease", method="PUT")
+        wait_for(lambda: not controller.is_leader(), timeout=5, what="leadership lost")
+        broken = copy.deepcopy(next(o for o in cluster["objects"] if o["kind"] == "VirtualService"))
+        broken["metadata"]["name"] = "broken"
+        broken["spec"]["hosts"] = ["broken.default.svc.cluster.local"]
+        broken["spec"]["http"] = [{"route": [{"destination": {"host": "nope.default.svc.cluster.local"}}]}]
+        server.create(broken)
+        wait_for(lambda: any(r.ref.name == "broken" for r in controller.serving.state.rejections()), what="seen")
+        time.sleep(0.6)  # a few status rounds while not leading
+        assert controller.status_writer.writes == writes
+        assert not any(r["name"] == "broken" for r in status_of(server).get("rejected", []))
+        # the failures run out: the replica leads again and writes what happened meanwhile
+        wait_for(controller.is_leader, timeout=30, what="leadership regained")
+        wait_for(
+            lambda: any(r["name"] == "broken" for r in status_of(server).get("rejected", [])),
+            what="the new term's first status",
+        )
+        assert controller.elector.term >= 2
+    finally:
+        running.stop()

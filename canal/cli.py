@@ -719,6 +719,91 @@ def node_agent(
     sys.exit(status)
 
 
+# -------------------------------------------------------------------------------------------------- migrate
+# The guarded version of `kubectl label namespace NS istio-injection=disabled`: see canal/migrate.py.
+
+_MIGRATE_OPTIONS = [
+    click.option("--dry-run", is_flag=True, help="Print every step and change nothing."),
+    click.option("--restart", is_flag=True, help="Also roll its workloads, as `kubectl rollout restart` does."),
+    click.option(
+        "--batch",
+        type=click.IntRange(1, 1000),
+        default=1,
+        show_default=True,
+        help="With --restart: workloads restarted at a time; the next batch starts once these are ready.",
+    ),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(0, 86400, min_open=True),
+        default=300.0,
+        show_default=True,
+        help="With --restart: seconds a batch may take to become ready before Canal stops.",
+    ),
+]
+
+
+def _migrate_options(fn):  # noqa: ANN001
+    return _options(_MIGRATE_OPTIONS, fn)
+
+
+@cli.group()
+def migrate() -> None:
+    """Take a namespace off Istio's sidecars once the gateway carries its traffic, or put it back."""
+
+
+@migrate.command("namespace")
+@_kube_options
+@_migrate_options
+@click.argument("namespace")
+def migrate_namespace(
+    kubeconfig: str | None,
+    context: str | None,
+    dry_run: bool,
+    restart: bool,
+    batch: int,
+    timeout: float,
+    namespace: str,
+) -> None:
+    """Label NAMESPACE istio-injection=disabled, after checking nothing there still needs its sidecar.
+
+    Refused (exit 1, reasons printed, nothing changed) unless every Service of NAMESPACE with ready endpoints is
+    routed by an InternalGateway whose status says Programmed, DNSProgrammed and NodesProgrammed for its current
+    generation, and nothing Canal rejected concerns it. The previous istio-injection and istio.io/rev labels are
+    saved in the annotation canal.io/migrated-from-istio-injection for `canal migrate rollback`. With --restart,
+    the sidecar-injected workloads are restarted --batch at a time, each batch waited for, stopping at the first
+    that does not become ready.
+    """
+    from canal.migrate import KubeCluster, Options, run_migrate  # noqa: PLC0415
+
+    cluster = KubeCluster(api_client(kubeconfig, context))
+    options = Options(dry_run=dry_run, restart=restart, batch=batch, timeout=timeout)
+    sys.exit(run_migrate(cluster, namespace, options, click.echo))
+
+
+@migrate.command("rollback")
+@_kube_options
+@_migrate_options
+@click.argument("namespace")
+def migrate_rollback(
+    kubeconfig: str | None,
+    context: str | None,
+    dry_run: bool,
+    restart: bool,
+    batch: int,
+    timeout: float,
+    namespace: str,
+) -> None:
+    """Restore the labels NAMESPACE had before `canal migrate namespace` (saved in its annotation).
+
+    With --restart, the workloads whose pods have no sidecar but would get one now are restarted, --batch at a
+    time."""
+    from canal.migrate import KubeCluster, Options, run_rollback  # noqa: PLC0415
+
+    cluster = KubeCluster(api_client(kubeconfig, context))
+    options = Options(dry_run=dry_run, restart=restart, batch=batch, timeout=timeout)
+    sys.exit(run_rollback(cluster, namespace, options, click.echo))
+
+
 def _dns_address(value: str) -> tuple[str, int]:
     from canal.dns.coredns import parse_address  # noqa: PLC0415
 

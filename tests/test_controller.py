@@ -467,3 +467,41 @@ def test_leadership_lost_stops_writes_and_regained_resumes_them(cluster: dict[st
         assert controller.elector.term >= 2
     finally:
         running.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_nack_is_in_status_and_an_event(cluster: dict[str, Any]) -> None:
+    """Envoy cannot bind the gateway's port (something else holds it): it NACKs the listener, and status and an
+    Event on the InternalGateway say which proxy rejected what."""
+    import socket
+
+    server, port = cluster["server"], cluster["port"]
+    running = Running(server.client(), controller_options())
+    envoy = None
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("0.0.0.0", port))
+        squatter.listen()
+        try:
+            envoy = Envoy(cluster["tmp"], xds_port(running))
+            wait_for(lambda: conditions(server).get("Programmed", ("", ""))[1] == "Rejected", what="the NACK")
+            nack = status_of(server)["lastNack"]
+            assert nack["type"] == "lds" and nack["node"].startswith("gw-") and str(port) in nack["message"]
+
+            def events() -> list[dict[str, Any]]:
+                items, _ = server.store.list(server.store.kind("v1", "Event"), IG[0])
+                return [e for e in items if e["reason"] == "ConfigRejected"]
+
+            wait_for(events, what="a ConfigRejected Event")
+            (event,) = events()
+            assert event["involvedObject"] == {
+                "apiVersion": "canal.io/v1alpha1",
+                "kind": "InternalGateway",
+                "namespace": IG[0],
+                "name": IG[1],
+            }
+            assert "rejected lds" in event["message"]
+        finally:
+            if envoy is not None:
+                envoy.stop()
+            running.stop()

@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +86,7 @@ class ProtocolError(Exception):
     pass
 
 
-class _Stream:
+class _Stream(ABC):
     """One connected client: its subscriptions, what it ACKed, and the gating rules shared by SotW and Delta."""
 
     delta = False
@@ -174,9 +175,9 @@ class _Stream:
             return None
         return wanted
 
+    @abstractmethod
     def holds(self, state: _TypeState, resource: Resource) -> bool:
-        """The client has this version of the resource (or is being sent it)."""
-        raise NotImplementedError
+        """The client has this version of the resource (or is being sent it): per protocol (SotW, Delta)."""
 
     def ready(self, cluster: str, snapshot: Snapshot) -> bool:
         """The client has this cluster at its current version, and has its endpoints since that version."""

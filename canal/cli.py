@@ -466,8 +466,21 @@ def _namespaced_name(value: str, param: str) -> tuple[str, str]:
 )
 @click.option("--xds-address", default="0.0.0.0:18000", show_default=True, callback=_address)
 @click.option("--metrics-address", default="0.0.0.0:15014", show_default=True, callback=_address)
-@click.option("--quiet-period", type=click.FloatRange(0, 10), default=0.1, show_default=True)
-@click.option("--max-delay", type=click.FloatRange(0, 60), default=1.0, show_default=True)
+@click.option(
+    "--quiet-period",
+    type=click.FloatRange(0, 10),
+    default=0.1,
+    show_default=True,
+    help="Seconds. An isolated change is translated at once; changes that follow it closer than this are "
+    "folded until this long passes with none.",
+)
+@click.option(
+    "--max-delay",
+    type=click.FloatRange(0, 60),
+    default=1.0,
+    show_default=True,
+    help="Longest a change waits for a burst to end (seconds).",
+)
 @click.option("--resync", type=click.FloatRange(10, 86400), default=300.0, show_default=True, help="Seconds.")
 @click.option(
     "--coredns/--no-coredns",

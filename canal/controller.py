@@ -4,10 +4,12 @@ Every replica watches the cluster and serves xDS from its own informers, so gate
 connect to any replica. Only the leader (a coordination.k8s.io Lease) writes: InternalGateway status, Events and
 the CoreDNS Corefile. Losing the lease stops those writes at once; serving goes on.
 
-Change coalescing happens before translation: informer events are folded per object (the latest wins) and
-translated once per quiet period (``--quiet-period`` after the first event of a burst, never later than
-``--max-delay``), so a storm of edits costs one recomputation, not one per event. The publisher then pushes
-at once (its own quiet period is zero here: the wait already happened).
+Change coalescing happens before translation: informer events are folded per object (the latest wins). An
+isolated change (nothing translated for a quiet period) is translated at once, so a single edit reaches the
+gateways in the time Envoy needs, not a quiet period later. Events that follow a translation within the quiet
+period are a burst: they are folded until ``--quiet-period`` passes with no new event, never longer than
+``--max-delay``, so a storm of edits costs at most one recomputation per quiet period, not one per event. The
+publisher then pushes at once (its own quiet period is zero here: the wait already happened).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import signal
 import threading
 import time
@@ -282,27 +285,35 @@ class Controller:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def _translate_loop(self) -> None:
+        last_translation = -math.inf
         while True:
             await self._wakeup.wait()
-            started = time.monotonic()
-            # fold a burst: wait for a quiet period with no new events, at most max_delay after the first
-            while True:
-                self._wakeup.clear()
-                remaining = self.options.max_delay - (time.monotonic() - started)
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), min(self.options.quiet, remaining))
-                except TimeoutError:
-                    break
+            woke = time.monotonic()
+            # An isolated change (the last translation is a quiet period old) is translated at once; one that
+            # follows a translation closely is part of a burst, which is folded until it goes quiet.
+            if woke - last_translation < self.options.quiet:
+                await self._fold_burst(woke)
             self._wakeup.clear()
-            changes = self.source.take()
-            if not changes and self.translations:
-                continue
-            state = self.translator.apply(changes)
+            previous = self.translator.desired
+            state = self.translator.apply(self.source.take())
+            if state is previous and self.translations:
+                continue  # nothing the translator reads changed (a status write, a resync): not a translation
             self.translations += 1
+            last_translation = time.monotonic()
             self.serving.submit(state)
             self._status_due.set()
+
+    async def _fold_burst(self, started: float) -> None:
+        """Wait for a quiet period with no new events, at most max_delay after the burst's first event."""
+        while True:
+            self._wakeup.clear()
+            remaining = self.options.max_delay - (time.monotonic() - started)
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), min(self.options.quiet, remaining))
+            except TimeoutError:
+                return
 
     def _published(self, state: DesiredState) -> None:
         self._published_state = state

@@ -214,6 +214,11 @@ class Snapshot:
         for item in items:
             ref = item if isinstance(item, ObjectRef) else item.ref
             new = None if isinstance(item, ObjectRef) else item.obj
+            new_problems = None if isinstance(item, ObjectRef) else item.problems
+            if ref not in changes and self.problems.get(ref) == new_problems and self.get(*ref) == new:
+                # Nothing the translator reads changed (a status write, a resync's re-delivery, a Pod's probe
+                # time): no change, so nothing is recomputed and an isolated edit that follows is not held back.
+                continue
             if ref.kind not in copied_kinds:
                 objects[ref.kind] = dict(objects.get(ref.kind, {}))
                 copied_kinds.add(ref.kind)
@@ -229,10 +234,10 @@ class Snapshot:
                 names[ref.name] = new
             if not names:
                 del kind_table[ref.namespace]
-            if isinstance(item, ObjectRef) or item.problems is None:
+            if new_problems is None:
                 problems.pop(ref, None)
             else:
-                problems[ref] = item.problems
+                problems[ref] = new_problems
             first = changes.get(ref)
             changes[ref] = Change(ref, first.old if first else old, new)
         # Problems-only changes (an object rejected again) are reported too: status must follow them.

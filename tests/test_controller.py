@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from canal.controller import Controller, ControllerOptions
 from canal.desired import RedirectKey
+from canal.serialize import canonical_json, render_state
 from tests.conftest import run_canal
 from tests.envoy_harness import Envoy, backends, free_port, request, wait_for
 from tests.kube_api import KubeApiServer, ResourceType, custom_resource
@@ -277,6 +279,41 @@ def with_header(server: KubeApiServer, value: str, *, silent: bool = False) -> N
 def header_is(port: int, value: str) -> bool:
     reply = request(port, "/hello", HOST)
     return reply.status == 200 and reply.headers.get("x-canal-test") == value
+
+
+def served_header(controller: Controller) -> str | None:
+    """The x-canal-test value in the translated routes (what the publisher pushes), or None."""
+    text = canonical_json(render_state(controller.serving.state))
+    values = set(re.findall(r'\["x-canal-test",\s*"([^"]*)"\]', text))
+    assert len(values) <= 1, values
+    return values.pop() if values else None
+
+
+@pytest.mark.timeout(60)
+def test_an_isolated_change_goes_at_once_and_a_burst_is_folded(cluster: dict[str, Any]) -> None:
+    """With a long quiet period (3 s), a lone edit is translated without waiting for it, while a burst of edits
+    that follows it closely is folded into one more translation that carries the last edit."""
+    server = cluster["server"]
+    running = Running(server.client(), controller_options(quiet=3.0, max_delay=8.0))
+    controller = running.controller
+    try:
+        wait_for(lambda: controller.translations >= 1, what="the first translation")
+        time.sleep(3.2)  # a quiet period with no translation: the next edit is isolated
+        before = controller.translations
+        sent = time.monotonic()
+        with_header(server, "lone")
+        wait_for(lambda: served_header(controller) == "lone", timeout=10, what="the lone edit translated")
+        assert time.monotonic() - sent < 2.0, "an isolated change waited for the quiet period"
+        assert controller.translations == before + 1
+
+        # a burst right after it (within the quiet period of the last translation): folded
+        for i in range(20):
+            with_header(server, f"burst-{i}")
+            time.sleep(0.02)
+        wait_for(lambda: served_header(controller) == "burst-19", timeout=15, what="the burst's last edit")
+        assert controller.translations == before + 2, "the burst was not folded into one translation"
+    finally:
+        running.stop()
 
 
 @pytest.mark.timeout(180)

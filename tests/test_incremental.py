@@ -403,3 +403,28 @@ def test_universe_meets_on_some_shards_and_not_on_others():
     assert [shard_of(f"{ns}/web", 3) for ns in "abc"] == [2, 2, 1]
     assert [shard_of(key, 2) for key in ("a/db", "b/db", "c/db3")] == [1, 1, 0]
     assert [shard_of(key, 3) for key in ("a/db", "b/db", "c/db3")] == [2, 2, 0]
+
+
+def test_a_write_that_changes_nothing_the_translator_reads_is_no_change() -> None:
+    """A status write (new resourceVersion, same spec) or a resync's re-delivery must not count as a change: the
+    controller recomputes nothing, and its next isolated edit is not mistaken for part of a burst."""
+    ig = internal_gateway()
+    ig["metadata"]["resourceVersion"] = "10"
+    translator = Translator()
+    translator.apply([parse_object(ig)])
+    before = translator.snapshot
+    rewritten = copy.deepcopy(ig)
+    rewritten["metadata"]["resourceVersion"] = "11"
+    rewritten["status"] = {"conditions": [{"type": "Accepted", "status": "True"}]}
+    snapshot, changes = before.apply([parse_object(rewritten)])
+    assert changes == []
+    assert snapshot.objects == before.objects
+    # a real edit still is one, and so is the delete of a known object; the delete of an unknown one is not
+    edited = copy.deepcopy(rewritten)
+    edited["spec"]["clusterDomain"] = "example.org"
+    assert [c.ref for c in before.apply([parse_object(edited)])[1]] == [
+        ObjectRef("InternalGateway", "istio-system", "canal")
+    ]
+    gone = ObjectRef("InternalGateway", "istio-system", "canal")
+    assert [c.ref for c in before.apply([gone])[1]] == [gone]
+    assert before.apply([ObjectRef("InternalGateway", "istio-system", "nope")])[1] == []

@@ -74,7 +74,8 @@ class Meta:
     generation: int = 0
     creation: str = ""  # RFC 3339 timestamp as written by the API server; "" sorts first (file objects)
     uid: str = ""
-    resource_version: str = ""
+    # Every write bumps it, status writes included; equality ignores it so those are not changes.
+    resource_version: str = field(default="", compare=False)
 
     @property
     def order(self) -> tuple[str, str, str]:

@@ -276,6 +276,8 @@ class Translator:
         """Upsert parsed objects, delete refs; returns the new desired state."""
         with paused_gc():
             self.snapshot, changes = self.snapshot.apply(items)
+            if not changes:  # the same state object: callers can tell that there is nothing to publish
+                return self.desired
             return self._process(changes)
 
     def load(self, snapshot: Snapshot) -> DesiredState:

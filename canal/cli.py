@@ -767,6 +767,18 @@ def migrate() -> None:
 @migrate.command("namespace")
 @_kube_options
 @_migrate_options
+@click.option(
+    "--istio-root-namespace",
+    default="istio-system",
+    show_default=True,
+    help="Istio's root namespace (meshConfig.rootNamespace): its security policies apply mesh-wide.",
+)
+@click.option(
+    "--accept-unenforced-policies",
+    is_flag=True,
+    help="Migrate even though Istio security policies enforced by the sidecars (AuthorizationPolicy, STRICT "
+    "PeerAuthentication, RequestAuthentication) stop being enforced; they are printed as warnings.",
+)
 @click.argument("namespace")
 def migrate_namespace(
     kubeconfig: str | None,
@@ -775,21 +787,33 @@ def migrate_namespace(
     restart: bool,
     batch: int,
     timeout: float,
+    istio_root_namespace: str,
+    accept_unenforced_policies: bool,
     namespace: str,
 ) -> None:
     """Label NAMESPACE istio-injection=disabled, after checking nothing there still needs its sidecar.
 
     Refused (exit 1, reasons printed, nothing changed) unless every Service of NAMESPACE with ready endpoints is
     routed by an InternalGateway whose status says Programmed, DNSProgrammed and NodesProgrammed for its current
-    generation, and nothing Canal rejected concerns it. The previous istio-injection and istio.io/rev labels are
-    saved in the annotation canal.io/migrated-from-istio-injection for `canal migrate rollback`. With --restart,
-    the sidecar-injected workloads are restarted --batch at a time, each batch waited for, stopping at the first
-    that does not become ready.
+    generation, and nothing Canal rejected concerns it. Also refused while an Istio security policy (in NAMESPACE,
+    or mesh-wide in --istio-root-namespace) is enforced by the sidecars of its workloads: Canal's gateway does not
+    apply them, so without sidecars they lapse; --accept-unenforced-policies migrates anyway and prints them as
+    warnings. The previous istio-injection and istio.io/rev labels are saved in the annotation
+    canal.io/migrated-from-istio-injection for `canal migrate rollback`. With --restart, the sidecar-injected
+    workloads are restarted --batch at a time, each batch waited for, stopping at the first that does not become
+    ready.
     """
     from canal.migrate import KubeCluster, Options, run_migrate  # noqa: PLC0415
 
     cluster = KubeCluster(api_client(kubeconfig, context))
-    options = Options(dry_run=dry_run, restart=restart, batch=batch, timeout=timeout)
+    options = Options(
+        dry_run=dry_run,
+        restart=restart,
+        batch=batch,
+        timeout=timeout,
+        root_namespace=istio_root_namespace,
+        accept_unenforced_policies=accept_unenforced_policies,
+    )
     sys.exit(run_migrate(cluster, namespace, options, click.echo))
 
 

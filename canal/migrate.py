@@ -6,7 +6,8 @@ served by a programmed gateway; otherwise the restarted pods lose their routes. 
 Functional core (pure, over Kubernetes-style dicts): ``preflight`` translates the cluster's objects with the
 controller's own translator and checks every Service in the namespace with ready endpoints is migrated (a DNS
 record or redirect rule of some InternalGateway) by a gateway whose status says Programmed, DNSProgrammed and
-NodesProgrammed for its current generation; ``plan_migration`` / ``plan_rollback`` compute the namespace label
+NodesProgrammed for its current generation, and (``policy_findings``) names the Istio security policies that only
+the sidecars enforce and that lapse with them; ``plan_migration`` / ``plan_rollback`` compute the namespace label
 change (the previous labels are saved in an annotation so a rollback restores them exactly); ``find_workloads``,
 ``migration_restarts`` / ``rollback_restarts`` and ``rollout_status`` decide what to roll and when it is done.
 Imperative shell: ``KubeCluster`` (the API calls) and ``run_migrate`` / ``run_rollback`` (print every step, restart
@@ -43,6 +44,22 @@ SAVED_LABELS = (INJECTION_LABEL, REVISION_LABEL)
 REQUIRED_CONDITIONS = ("Programmed", "DNSProgrammed", "NodesProgrammed")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 _ROUTING_KINDS = frozenset({"VirtualService", "DestinationRule"})
+# Istio's security policies: enforced by the sidecars, so they lapse with them (see ``policy_findings``).
+SECURITY_GROUP = "security.istio.io"
+SECURITY_VERSIONS = ("v1", "v1beta1")  # Istio 1.22+ serves v1, older releases v1beta1
+AUTHORIZATION_POLICY, PEER_AUTHENTICATION, REQUEST_AUTHENTICATION = (
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "RequestAuthentication",
+)
+POLICY_KINDS = (AUTHORIZATION_POLICY, PEER_AUTHENTICATION, REQUEST_AUTHENTICATION)
+POLICY_PLURALS = {
+    AUTHORIZATION_POLICY: "authorizationpolicies",
+    PEER_AUTHENTICATION: "peerauthentications",
+    REQUEST_AUTHENTICATION: "requestauthentications",
+}
+DEFAULT_ROOT_NAMESPACE = "istio-system"  # Istio's meshConfig.rootNamespace default
+ACCEPT_FLAG = "--accept-unenforced-policies"
 
 OK, SKIP, WARN, REFUSE = "ok", "skip", "warning", "refused"
 
@@ -238,15 +255,23 @@ def _namespace(objects: Iterable[Obj], namespace: str) -> Obj | None:
     return next((o for o in _of_kind(objects, "Namespace") if _meta(o).get("name") == namespace), None)
 
 
-def preflight(namespace: str, objects: Iterable[Obj]) -> list[Finding]:
+def preflight(
+    namespace: str,
+    objects: Iterable[Obj],
+    *,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    accept_unenforced_policies: bool = False,
+) -> list[Finding]:
     """Whether the namespace's Services can lose their sidecars now. ``objects``: what the translator reads
     (InternalGateways with their status, Gateways, VirtualServices, DestinationRules, Services, EndpointSlices,
-    Pods, Namespaces), as the API returns them; the gateways' status documents come from the InternalGateways.
+    Pods, Namespaces), as the API returns them, plus the namespace's workloads and the Istio security policies of
+    the namespace and of ``root_namespace``; the gateways' status documents come from the InternalGateways.
 
     A Service with traffic (a ready endpoint) must be migrated by an InternalGateway (its DNS name or ClusterIP
     goes to the gateway) now and still once the namespace is relabelled (a namespaceSelector may read the labels),
     and that gateway's status must say it is programmed for its current spec. Headless, ExternalName and
-    endpoint-less Services are skipped. Rejected objects in the namespace, or naming its Services, refuse."""
+    endpoint-less Services are skipped. Rejected objects in the namespace, or naming its Services, refuse, and so
+    do the Istio security policies the sidecars enforce (``policy_findings``) unless they are accepted."""
     docs = list(objects)
     ns_obj = _namespace(docs, namespace)
     if ns_obj is None:
@@ -338,6 +363,7 @@ def preflight(namespace: str, objects: Iterable[Obj]) -> list[Finding]:
                     "not list it as bound yet (the controller has not caught up)",
                 )
             )
+    findings.extend(policy_findings(namespace, docs, root_namespace, accept_unenforced_policies))
     return findings
 
 
@@ -483,10 +509,31 @@ def pod_has_sidecar(pod: Obj) -> bool:
     return SIDECAR_STATUS in _map(_meta(pod).get("annotations")) or _has_proxy(_map(pod.get("spec")))
 
 
+_FINISHED = ("Succeeded", "Failed")
+
+
 def _controller_of(obj: Obj) -> tuple[str, str] | None:
     refs = [r for r in _meta(obj).get("ownerReferences") or () if isinstance(r, Mapping)]
     ref = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
     return (str(ref.get("kind")), str(ref.get("name"))) if ref else None
+
+
+def _live_pods(objects: Iterable[Obj], namespace: str) -> list[Obj]:
+    return [p for p in _of_kind(objects, "Pod", namespace) if _map(p.get("status")).get("phase") not in _FINISHED]
+
+
+def _workload_of(pod: Obj, replicasets: Mapping[str, Obj]) -> tuple[str, str] | None:
+    """(kind, name) of the pod's controller, through its ReplicaSet to the Deployment; without the ReplicaSet,
+    by the naming rule ``<deployment>-<pod-template-hash>``."""
+    owner = _controller_of(pod)
+    if owner is not None and owner[0] == "ReplicaSet":
+        rs = replicasets.get(owner[1])
+        parent = _controller_of(rs) if rs is not None else None
+        digest = _labels(pod).get("pod-template-hash", "")
+        if parent is None and rs is None and digest and owner[1].endswith(f"-{digest}"):
+            parent = ("Deployment", owner[1][: -len(digest) - 1])
+        owner = parent
+    return owner
 
 
 def find_workloads(namespace: str, objects: Iterable[Obj]) -> Inventory:
@@ -500,17 +547,8 @@ def find_workloads(namespace: str, objects: Iterable[Obj]) -> Inventory:
     pods: dict[tuple[str, str], int] = defaultdict(int)
     sidecars: dict[tuple[str, str], int] = defaultdict(int)
     unmanaged = []
-    for pod in _of_kind(docs, "Pod", namespace):
-        if _map(pod.get("status")).get("phase") in ("Succeeded", "Failed"):
-            continue
-        owner = _controller_of(pod)
-        if owner is not None and owner[0] == "ReplicaSet":
-            rs = replicasets.get(owner[1])
-            parent = _controller_of(rs) if rs is not None else None
-            digest = _labels(pod).get("pod-template-hash", "")
-            if parent is None and rs is None and digest and owner[1].endswith(f"-{digest}"):
-                parent = ("Deployment", owner[1][: -len(digest) - 1])
-            owner = parent
+    for pod in _live_pods(docs, namespace):
+        owner = _workload_of(pod, replicasets)
         sidecar = pod_has_sidecar(pod)
         if owner is None or owner not in workloads:
             if sidecar:
@@ -657,6 +695,235 @@ def rollout_status(obj: Obj) -> Rollout:
     return Rollout(updated >= desired and available >= desired, message)
 
 
+# ------------------------------------------------------------------------------------ Istio security policy
+# Istio's security policies are enforced by the sidecar of each workload they select; Canal's gateway translates
+# none of them. So once a namespace's pods lose their sidecars, every such policy selecting them silently stops
+# applying: access rules (AuthorizationPolicy), required mutual TLS (PeerAuthentication STRICT) and JWT checks
+# (RequestAuthentication). Preflight names each one; only an explicit flag accepts the loss.
+
+_SHOWN_WORKLOADS = 5
+Ports = frozenset[str] | None  # STRICT on these ports only, or (None) on every port
+# What an AuthorizationPolicy's action stops doing without the sidecar. AUDIT only marks requests for an audit
+# log and never allows or denies one, so losing it changes no access: a warning, never a refusal.
+_LOST_ACTION = {
+    "ALLOW": "requests no ALLOW policy matches are no longer denied",
+    "DENY": "the requests it denies get through",
+    "CUSTOM": "requests are no longer checked by its external authorizer",
+    "AUDIT": "the requests it matches are no longer audited; AUDIT allows and denies nothing, so access is unchanged",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcer:
+    """A workload of the namespace whose sidecar enforces Istio security policy now and that loses it with the
+    migration. ``labels``: what Istio's workload selectors are matched against (its live sidecar pods' labels,
+    and its pod template's for the pods it will start)."""
+
+    name: str  # "Deployment shop/web", or "Pod shop/job-x" for a pod no Deployment/StatefulSet/DaemonSet owns
+    labels: tuple[Mapping[str, str], ...]
+
+    def selected_by(self, selector: Mapping[str, str] | None) -> bool:
+        return any(_selects(selector, labels) for labels in self.labels)
+
+
+def _selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
+    """Istio's workload selector rule: every matchLabels pair present; no selector selects every workload."""
+    return not selector or all(labels.get(k) == v for k, v in selector.items())
+
+
+def enforcers(namespace: str, objects: Iterable[Obj]) -> list[Enforcer]:
+    """The namespace's workloads that have a sidecar (live pods with one, or the injector's mark on the template)
+    and lose it to the label: those whose template itself holds istio-proxy keep theirs and are left out."""
+    docs = list(objects)
+    raw = {(k, str(_meta(o).get("name"))): o for k in WORKLOAD_KINDS for o in _of_kind(docs, k, namespace)}
+    replicasets = {str(_meta(o).get("name")): o for o in _of_kind(docs, "ReplicaSet", namespace)}
+    pod_labels: dict[tuple[str, str], list[Mapping[str, str]]] = defaultdict(list)
+    out = []
+    for pod in _live_pods(docs, namespace):
+        if not pod_has_sidecar(pod):
+            continue
+        owner = _workload_of(pod, replicasets)
+        if owner in raw:
+            pod_labels[owner].append(_labels(pod))
+        else:
+            out.append(Enforcer(f"Pod {namespace}/{_meta(pod).get('name')}", (_labels(pod),)))
+    inventory = {(w.kind, w.name): w for w in find_workloads(namespace, docs).workloads}
+    for key, workload in inventory.items():
+        if not workload.has_sidecar or workload.template_proxy:
+            continue
+        template = _map(_map(_map(raw[key].get("spec")).get("template")).get("metadata"))
+        own = {str(k): str(v) for k, v in _map(template.get("labels")).items()}
+        out.append(Enforcer(str(workload), (own, *pod_labels[key])))
+    return sorted(out, key=lambda e: e.name)
+
+
+def _policies(objects: Iterable[Obj], kind: str, namespaces: set[str]) -> list[Obj]:
+    """The kind's policies in these namespaces, oldest first (Istio's tie-break between competing policies)."""
+    found = [
+        o
+        for o in objects
+        if o.get("kind") == kind
+        and str(o.get("apiVersion", "")).rpartition("/")[0] == SECURITY_GROUP
+        and _ns(o) in namespaces
+    ]
+    return sorted(found, key=lambda o: (str(_meta(o).get("creationTimestamp") or ""), _ref(o)))
+
+
+def _ns(obj: Obj) -> str:
+    return str(_meta(obj).get("namespace") or "default")
+
+
+def _ref(policy: Obj) -> str:
+    return f"{_ns(policy)}/{_meta(policy).get('name')}"
+
+
+def _selector(policy: Obj) -> dict[str, str] | None:
+    """spec.selector.matchLabels; None (or empty) selects the whole namespace, or the mesh from the root."""
+    match = _map(_map(_map(policy.get("spec")).get("selector")).get("matchLabels"))
+    return {str(k): str(v) for k, v in match.items()} or None
+
+
+def _on_sidecars(policy: Obj) -> bool:
+    """A policy with targetRef(s) binds to a Gateway or a waypoint, never to a sidecar: not this check's concern."""
+    spec = _map(policy.get("spec"))
+    return not spec.get("targetRef") and not spec.get("targetRefs")
+
+
+def _mode(mtls: Any) -> str:
+    mode = _map(mtls).get("mode")
+    return str(mode).upper() if mode else "UNSET"
+
+
+def _plural(count: int, one: str, many: str = "") -> str:
+    return f"{count} {one}" if count == 1 else f"{count} {many or one + 's'}"
+
+
+def _scope(policy: Obj, namespace: str, root: str) -> str:
+    here = _ns(policy)
+    return f"mesh-wide (root namespace {root}): " if here == root != namespace else ""
+
+
+def _who(matched: Sequence[Enforcer], namespace: str) -> str:
+    names = [e.name for e in matched]
+    shown = ", ".join(names[:_SHOWN_WORKLOADS])
+    if len(names) > _SHOWN_WORKLOADS:
+        shown += f" and {len(names) - _SHOWN_WORKLOADS} more"
+    return f"the sidecars of {_plural(len(names), 'workload')} in {namespace} ({shown})"
+
+
+def _action(policy: Obj) -> str:
+    return str(_map(policy.get("spec")).get("action") or "ALLOW").upper()
+
+
+def _authorization_reason(policy: Obj, matched: Sequence[Enforcer], namespace: str, root: str) -> str:
+    action = _action(policy)
+    lost = _LOST_ACTION.get(action, f"its {action} action no longer applies")
+    provider = _map(_map(policy.get("spec")).get("provider")).get("name")
+    if action == "CUSTOM" and provider:
+        lost += f" ({provider})"
+    return (
+        f"{_scope(policy, namespace, root)}{action} policy enforced by {_who(matched, namespace)}; without sidecars "
+        f"it is no longer enforced: {lost} (Canal's gateway does not apply AuthorizationPolicy)"
+    )
+
+
+def _request_authentication_reason(policy: Obj, matched: Sequence[Enforcer], namespace: str, root: str) -> str:
+    rules = _map(policy.get("spec")).get("jwtRules") or ()
+    issuers = sorted({str(_map(r)["issuer"]) for r in rules if _map(r).get("issuer")})
+    which = f" (issuer {', '.join(issuers)})" if issuers else ""
+    return (
+        f"{_scope(policy, namespace, root)}JWT validation{which} enforced by {_who(matched, namespace)}; without "
+        "sidecars tokens are no longer validated: a request with an invalid or expired JWT is no longer rejected "
+        "(Canal's gateway does not apply RequestAuthentication)"
+    )
+
+
+def _port_order(port: str) -> tuple[int, str]:
+    return (int(port) if port.isdigit() else 1 << 16, port)
+
+
+def _strict_sources(labels: Mapping[str, str], namespace: str, root: str, policies: Sequence[Obj]) -> dict[str, Ports]:
+    """Which PeerAuthentication makes one pod's inbound mutual TLS STRICT, composed as Istio does: the oldest
+    mesh-wide (root namespace, no selector), namespace-wide and matching workload policy (a selector outside the
+    root namespace: Istio ignores selectors there), each overriding the one before unless its mode is UNSET;
+    port-level modes only from the workload policy. Policy -> its STRICT ports (None: every port)."""
+    mesh = next((p for p in policies if _ns(p) == root and not _selector(p)), None)
+    local = [p for p in policies if _ns(p) == namespace != root]
+    whole = next((p for p in local if not _selector(p)), None)
+    workload = next((p for p in local if _selector(p) and _selects(_selector(p), labels)), None)
+    mode, source = "PERMISSIVE", None
+    for policy in (mesh, whole, workload):
+        if policy is not None and _mode(_map(policy.get("spec")).get("mtls")) != "UNSET":
+            mode, source = _mode(_map(policy.get("spec")).get("mtls")), policy
+    if mode == "STRICT" and source is not None:
+        return {_ref(source): None}
+    if workload is None:
+        return {}
+    levels = _map(_map(workload.get("spec")).get("portLevelMtls"))
+    ports = frozenset(str(port) for port, mtls in levels.items() if _mode(mtls) == "STRICT")
+    return {_ref(workload): ports} if ports else {}
+
+
+def _peer_authentication_reason(
+    policy: Obj, matched: Sequence[Enforcer], ports: Sequence[str], namespace: str, root: str
+) -> str:
+    where = f" on {'port' if len(ports) == 1 else 'ports'} {', '.join(ports)}" if ports else ""
+    return (
+        f"{_scope(policy, namespace, root)}requires mutual TLS (STRICT){where} at {_who(matched, namespace)}; "
+        "without sidecars they accept plaintext from any client and the requirement is silently no longer met "
+        "(sidecar clients' auto mTLS falls back to plaintext for pods without a sidecar, and Canal's gateway "
+        "sends plaintext)"
+    )
+
+
+def policy_findings(
+    namespace: str, objects: Iterable[Obj], root_namespace: str = DEFAULT_ROOT_NAMESPACE, accept: bool = False
+) -> list[Finding]:
+    """The Istio security policies (security.istio.io, in ``namespace`` or mesh-wide in ``root_namespace``) that
+    the sidecars of the namespace's workloads enforce and that stop being enforced without them, by kind, then
+    namespace/name. Each refuses, or with ``accept`` is a warning; an AuthorizationPolicy with action AUDIT is
+    always a warning. STRICT PeerAuthentication counts only where it is the effective mode (PERMISSIVE, DISABLE
+    or a more specific policy overriding it is no loss)."""
+    docs = list(objects)
+    workloads = enforcers(namespace, docs)
+    scope = {namespace, root_namespace}
+    level = WARN if accept else REFUSE
+    findings: list[Finding] = []
+    for policy in _policies(docs, AUTHORIZATION_POLICY, scope):
+        matched = [e for e in workloads if e.selected_by(_selector(policy))]
+        if matched and _on_sidecars(policy):
+            reason = _authorization_reason(policy, matched, namespace, root_namespace)
+            findings.append(
+                Finding(WARN if _action(policy) == "AUDIT" else level, f"{AUTHORIZATION_POLICY} {_ref(policy)}", reason)
+            )
+    peers = [p for p in _policies(docs, PEER_AUTHENTICATION, scope) if _on_sidecars(p)]
+    strict: dict[str, dict[str, Ports]] = defaultdict(dict)  # policy -> workload -> its STRICT ports
+    for workload in workloads:
+        for labels in workload.labels:
+            for ref, ports in _strict_sources(labels, namespace, root_namespace, peers).items():
+                seen = strict[ref].get(workload.name, frozenset())
+                strict[ref][workload.name] = None if seen is None or ports is None else seen | ports
+    by_ref = {_ref(p): p for p in peers}
+    for ref, per_workload in strict.items():
+        matched = [e for e in workloads if e.name in per_workload]
+        every = any(ports is None for ports in per_workload.values())
+        ports = () if every else sorted(set().union(*(p for p in per_workload.values() if p)), key=_port_order)
+        reason = _peer_authentication_reason(by_ref[ref], matched, ports, namespace, root_namespace)
+        findings.append(Finding(level, f"{PEER_AUTHENTICATION} {ref}", reason))
+    for policy in _policies(docs, REQUEST_AUTHENTICATION, scope):
+        matched = [e for e in workloads if e.selected_by(_selector(policy))]
+        if matched and _on_sidecars(policy):
+            reason = _request_authentication_reason(policy, matched, namespace, root_namespace)
+            findings.append(Finding(level, f"{REQUEST_AUTHENTICATION} {_ref(policy)}", reason))
+    order = {kind: i for i, kind in enumerate(POLICY_KINDS)}
+    return sorted(findings, key=lambda f: (order[f.subject.split(" ", 1)[0]], f.subject))
+
+
+def is_policy_finding(finding: Finding) -> bool:
+    """Whether a finding is about an Istio security policy (what the accept flag accepts)."""
+    return finding.subject.split(" ", 1)[0] in POLICY_KINDS
+
+
 # ------------------------------------------------------------------------------------------------ the shell
 
 
@@ -743,9 +1010,37 @@ class KubeCluster:
             out += self._list(f"{kind}s in {namespace}", "apps/v1", kind, call, namespace)
         return out
 
-    def objects(self, namespace: str) -> list[Obj]:
-        """What preflight translates (cluster-wide where a VirtualService or gateway elsewhere can matter), plus
-        the namespace's workloads."""
+    def security_policies(self, namespaces: Iterable[str]) -> list[Obj]:
+        """The Istio security policies of these namespaces, each kind at the version the API server serves. A kind
+        whose CRD is not installed (discovery answers 404) has none: nothing can be enforced by it."""
+        from canal.kube import informer  # noqa: PLC0415
+
+        out: list[Obj] = []
+        for kind in POLICY_KINDS:
+            wanted = informer.Resource(SECURITY_GROUP, SECURITY_VERSIONS[0], POLICY_PLURALS[kind], kind)
+            try:
+                found = informer.resolve(self.api, wanted, SECURITY_VERSIONS)
+            except informer.NotInstalled:
+                continue
+            except informer.DiscoveryError as err:
+                raise ClusterError(f"cannot check Istio security policies: {err}") from err
+            for namespace in sorted(set(namespaces)):
+                out += self._list(
+                    f"{found.plural} in {namespace}",
+                    found.api_version,
+                    kind,
+                    self.custom.list_namespaced_custom_object,
+                    found.group,
+                    found.version,
+                    namespace,
+                    found.plural,
+                )
+        return out
+
+    def objects(self, namespace: str, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> list[Obj]:
+        """What preflight translates (cluster-wide where a VirtualService or gateway elsewhere can matter), the
+        namespace's workloads, and the Istio security policies that can select them (its own and the root
+        namespace's)."""
         from canal.kube import informer  # noqa: PLC0415
 
         out: list[Obj] = []
@@ -780,7 +1075,7 @@ class KubeCluster:
         )
         for ns in sorted(gateway_namespaces - {namespace}):  # the gateway pods: redirect targets
             out += self._list(f"pods in {ns}", "v1", "Pod", self.core.list_namespaced_pod, ns)
-        return out + self.workload_objects(namespace)
+        return out + self.workload_objects(namespace) + self.security_policies({namespace, root_namespace})
 
     def patch_namespace(self, name: str, body: Mapping[str, Any]) -> None:
         self._call(
@@ -830,6 +1125,8 @@ class Options:
     batch: int = 1
     timeout: float = 300.0  # per batch
     poll: float = 2.0  # the longest pause between readiness checks (they start at 0.1 s and double)
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE  # Istio's: its security policies there apply mesh-wide
+    accept_unenforced_policies: bool = False  # migrate although sidecar-enforced security policies lapse
     now: Callable[[], str] = field(default=_now)  # the restartedAt stamp
 
 
@@ -923,15 +1220,31 @@ def _restart(cluster: KubeCluster, plan: RestartPlan, options: Options, echo: Ec
 def run_migrate(cluster: KubeCluster, namespace: str, options: Options, echo: Echo) -> int:
     """Preflight, then the label, then (``restart``) the sidecar-injected workloads in batches."""
     try:
-        objects = cluster.objects(namespace)
-        findings = preflight(namespace, objects)
+        objects = cluster.objects(namespace, options.root_namespace)
+        findings = preflight(
+            namespace,
+            objects,
+            root_namespace=options.root_namespace,
+            accept_unenforced_policies=options.accept_unenforced_policies,
+        )
         echo(f"preflight for namespace {namespace}:")
         for finding in findings:
             echo(f"  {finding}")
         blocking = [f for f in findings if f.blocking]
         if blocking:
             echo(f"error: migration of {namespace} refused: {len(blocking)} problem(s); nothing changed", err=True)
+            policies = sum(is_policy_finding(f) for f in blocking)
+            if policies:
+                echo(
+                    f"{_plural(policies, 'Istio security policy', 'Istio security policies')} above would no longer "
+                    f"be enforced; to migrate anyway, leaving them unenforced, rerun with {ACCEPT_FLAG}",
+                    err=True,
+                )
             return EXIT_FAILED
+        lapsing = sum(is_policy_finding(f) for f in findings)
+        if lapsing:
+            policies = _plural(lapsing, "Istio security policy", "Istio security policies")
+            echo(f"warning: continuing although {policies} will no longer be enforced in {namespace}")
         inventory = find_workloads(namespace, objects)
         plan = migration_restarts(inventory, options.batch)
         if _change_namespace(cluster, namespace, plan_migration, options.dry_run, echo) is None:

@@ -26,11 +26,13 @@ from canal.migrate import (
     Inventory,
     PlanError,
     Workload,
+    enforcers,
     find_workloads,
     injects,
     migration_restarts,
     plan_migration,
     plan_rollback,
+    policy_findings,
     preflight,
     rollback_restarts,
     rollout_status,
@@ -470,6 +472,226 @@ def test_a_deployment_past_its_progress_deadline_has_failed() -> None:
     assert rollout_status(stuck).failed == "its progress deadline was exceeded"
 
 
+# ------------------------------------------------------------------------------------ Istio security policy
+
+ROOT = "istio-system"
+A_AND_B = "the sidecars of 2 workloads in shop (Deployment shop/a, Deployment shop/b)"
+ONLY_A = "the sidecars of 1 workload in shop (Deployment shop/a)"
+NOT_APPLIED = "(Canal's gateway does not apply AuthorizationPolicy)"
+PLAINTEXT = (
+    "without sidecars they accept plaintext from any client and the requirement is silently no longer met "
+    "(sidecar clients' auto mTLS falls back to plaintext for pods without a sidecar, and Canal's gateway sends "
+    "plaintext)"
+)
+
+
+def policy(kind: str, name: str, ns: str = NS, version: str = "v1", created: str = "", **spec: Any) -> dict:
+    """A security.istio.io object as the API returns it."""
+    meta: dict[str, Any] = {"name": name, "namespace": ns}
+    if created:
+        meta["creationTimestamp"] = created
+    return {"apiVersion": f"security.istio.io/{version}", "kind": kind, "metadata": meta, "spec": spec}
+
+
+def strict(name: str = "default", ns: str = NS, mode: str = "STRICT", **spec: Any) -> dict:
+    return policy("PeerAuthentication", name, ns, mtls={"mode": mode}, **spec)
+
+
+def policies_for(*extra: dict, root: str = ROOT, accept: bool = False) -> list[str]:
+    """The policy findings for namespace shop, whose Deployments a and b (app=a, app=b) have sidecars, and
+    Service web's pods (app=web) none."""
+    objects = [*world(), *sidecar_deployments("a", "b"), *extra]
+    return [str(f) for f in policy_findings(NS, objects, root, accept)]
+
+
+def test_an_authorization_policy_the_sidecars_enforce_refuses_the_migration() -> None:
+    deny = policy("AuthorizationPolicy", "deny-all", action="DENY", rules=[{}])
+    objects = programmed([*world(), *sidecar_deployments("a", "b"), deny])
+    assert refusals(preflight(NS, objects)) == [
+        f"refused: AuthorizationPolicy shop/deny-all: DENY policy enforced by {A_AND_B}; without sidecars it is no "
+        f"longer enforced: the requests it denies get through {NOT_APPLIED}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "lost"),
+    [
+        ({}, "requests no ALLOW policy matches are no longer denied"),  # action ALLOW by default; {} allows nothing
+        ({"action": "ALLOW", "rules": [{"from": [{"source": {"namespaces": ["shop"]}}]}]}, "requests no ALLOW"),
+        ({"action": "CUSTOM", "provider": {"name": "opa"}, "rules": [{}]}, "its external authorizer (opa)"),
+    ],
+)
+def test_every_enforcing_action_refuses(spec: dict, lost: str) -> None:
+    (found,) = policies_for(policy("AuthorizationPolicy", "p", **spec))
+    assert found.startswith(f"refused: AuthorizationPolicy shop/p: {spec.get('action', 'ALLOW')} policy enforced by")
+    assert lost in found and found.endswith(NOT_APPLIED)
+
+
+def test_an_audit_policy_is_a_warning_only() -> None:
+    # AUDIT never allows or denies a request: without it only the audit record is lost, no access changes
+    (found,) = policies_for(policy("AuthorizationPolicy", "audit", action="AUDIT", rules=[{}]))
+    assert found.startswith(f"warning: AuthorizationPolicy shop/audit: AUDIT policy enforced by {A_AND_B}")
+    assert "no longer audited" in found
+
+
+def test_a_selector_counts_only_the_sidecar_workloads_it_matches() -> None:
+    only_a = policy("AuthorizationPolicy", "only-a", selector={"matchLabels": {"app": "a"}}, action="DENY")
+    nobody = policy("AuthorizationPolicy", "nobody", selector={"matchLabels": {"app": "gone"}}, action="DENY")
+    web = policy("AuthorizationPolicy", "web", selector={"matchLabels": {"app": "web"}}, action="DENY")  # no sidecar
+    found = policies_for(only_a, nobody, web)
+    assert len(found) == 1 and found[0].startswith(
+        f"refused: AuthorizationPolicy shop/only-a: DENY policy enforced by {ONLY_A}; "
+    )
+
+
+def test_a_root_namespace_policy_applies_mesh_wide_and_others_do_not() -> None:
+    mesh = policy("AuthorizationPolicy", "mesh-deny", ns=ROOT, action="DENY", rules=[{}])
+    elsewhere = policy("AuthorizationPolicy", "other-deny", ns="billing", action="DENY", rules=[{}])
+    b_only = policy("AuthorizationPolicy", "b-only", ns=ROOT, selector={"matchLabels": {"app": "b"}})
+    found = policies_for(mesh, elsewhere, b_only)
+    assert [f.split(": ")[1] for f in found] == [
+        "AuthorizationPolicy istio-system/b-only",
+        "AuthorizationPolicy istio-system/mesh-deny",
+    ]
+    assert found[1].startswith(
+        f"refused: AuthorizationPolicy istio-system/mesh-deny: mesh-wide (root namespace istio-system): DENY policy "
+        f"enforced by {A_AND_B}; "
+    )
+    assert "(Deployment shop/b);" in found[0]
+
+
+def test_the_root_namespace_is_the_one_given() -> None:
+    mesh = policy("AuthorizationPolicy", "mesh-deny", ns=ROOT, action="DENY")
+    custom = policy("AuthorizationPolicy", "mesh-deny", ns="mesh-root", action="DENY")
+    found = policies_for(mesh, custom, root="mesh-root")
+    assert len(found) == 1 and found[0].startswith(
+        "refused: AuthorizationPolicy mesh-root/mesh-deny: mesh-wide (root namespace mesh-root)"
+    )
+
+
+def test_a_strict_peer_authentication_refuses() -> None:
+    assert policies_for(strict()) == [
+        f"refused: PeerAuthentication shop/default: requires mutual TLS (STRICT) at {A_AND_B}; {PLAINTEXT}"
+    ]
+
+
+@pytest.mark.parametrize("mode", ["PERMISSIVE", "DISABLE", "UNSET"])
+def test_a_peer_authentication_that_does_not_require_mtls_is_no_loss(mode: str) -> None:
+    assert policies_for(strict(mode=mode)) == []
+
+
+def test_peer_authentication_is_composed_as_istio_does() -> None:
+    mesh = strict("default", ROOT)
+    # mesh-wide STRICT
+    (found,) = policies_for(mesh)
+    assert found.startswith("refused: PeerAuthentication istio-system/default: mesh-wide (root namespace istio-system)")
+    # ... overridden for the namespace: nothing is lost
+    assert policies_for(mesh, strict("relaxed", mode="PERMISSIVE")) == []
+    # ... and a namespace UNSET inherits it
+    (found,) = policies_for(mesh, strict("inherit", mode="UNSET"))
+    assert found.startswith("refused: PeerAuthentication istio-system/default: ")
+    # a workload policy overrides the namespace for the workloads it selects only
+    relax_a = strict("a-permissive", mode="PERMISSIVE", selector={"matchLabels": {"app": "a"}})
+    (found,) = policies_for(strict(), relax_a)
+    b_only = "the sidecars of 1 workload in shop (Deployment shop/b)"
+    assert found.startswith(f"refused: PeerAuthentication shop/default: requires mutual TLS (STRICT) at {b_only}")
+    # selectors in the root namespace are ignored by Istio for PeerAuthentication
+    assert policies_for(strict("root-selector", ROOT, selector={"matchLabels": {"app": "a"}})) == []
+    # of two namespace-wide policies the oldest wins
+    old = strict("old", mode="PERMISSIVE")
+    old["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    new = strict("new")
+    new["metadata"]["creationTimestamp"] = "2026-02-01T00:00:00Z"
+    assert policies_for(new, old) == []
+
+
+def test_a_port_level_strict_mode_names_its_ports() -> None:
+    ports = strict(
+        "a-ports",
+        mode="PERMISSIVE",
+        selector={"matchLabels": {"app": "a"}},
+        portLevelMtls={"9090": {"mode": "STRICT"}, "8080": {"mode": "STRICT"}, "7070": {"mode": "DISABLE"}},
+    )
+    assert policies_for(ports) == [
+        f"refused: PeerAuthentication shop/a-ports: requires mutual TLS (STRICT) on ports 8080, 9090 at {ONLY_A}; "
+        f"{PLAINTEXT}"
+    ]
+
+
+def test_a_request_authentication_refuses() -> None:
+    jwt = policy("RequestAuthentication", "jwt", jwtRules=[{"issuer": "https://auth.example.com"}])
+    assert policies_for(jwt) == [
+        "refused: RequestAuthentication shop/jwt: JWT validation (issuer https://auth.example.com) enforced by "
+        f"{A_AND_B}; without sidecars tokens are no longer validated: a request with an invalid or expired JWT is no "
+        "longer rejected (Canal's gateway does not apply RequestAuthentication)"
+    ]
+
+
+def test_accepting_turns_every_policy_into_a_warning() -> None:
+    found = policies_for(
+        policy("AuthorizationPolicy", "deny", action="DENY"),
+        strict(),
+        policy("RequestAuthentication", "jwt", jwtRules=[{"issuer": "x"}]),
+        accept=True,
+    )
+    assert [f.split(": ")[:2] for f in found] == [
+        ["warning", "AuthorizationPolicy shop/deny"],
+        ["warning", "PeerAuthentication shop/default"],
+        ["warning", "RequestAuthentication shop/jwt"],
+    ]
+
+
+def test_findings_are_sorted_and_do_not_depend_on_the_order_listed() -> None:
+    extra = [
+        policy("RequestAuthentication", "jwt", version="v1beta1", jwtRules=[{"issuer": "x"}]),
+        strict("default", ROOT),
+        policy("AuthorizationPolicy", "z", action="DENY"),
+        policy("AuthorizationPolicy", "a", ns=ROOT, action="DENY"),
+        policy("AuthorizationPolicy", "m", action="DENY"),
+    ]
+    found = policies_for(*extra)
+    assert [f.split(": ")[1] for f in found] == [
+        "AuthorizationPolicy istio-system/a",
+        "AuthorizationPolicy shop/m",
+        "AuthorizationPolicy shop/z",
+        "PeerAuthentication istio-system/default",
+        "RequestAuthentication shop/jwt",  # v1beta1 counts as v1 does
+    ]
+    assert policies_for(*reversed(extra)) == found
+
+
+def test_policies_bound_to_gateways_or_waypoints_are_not_the_sidecars() -> None:
+    waypoint = policy("AuthorizationPolicy", "waypoint", action="DENY", targetRefs=[{"kind": "Service", "name": "a"}])
+    gateway_bound = policy("RequestAuthentication", "gw", targetRef={"kind": "Gateway", "name": "ingress"})
+    assert policies_for(waypoint, gateway_bound) == []
+
+
+def test_which_workloads_enforce_policy() -> None:
+    kube_injected = deployment("kube-injected")  # istio-proxy in its template: a restart keeps the sidecar
+    kube_injected["spec"]["template"]["spec"]["containers"].append({"name": "istio-proxy"})
+    job_pod = pod("job-x", NS, "10.244.2.50", app="job")
+    job_pod["metadata"]["annotations"] = dict(SIDECAR)
+    objects = [
+        *sidecar_deployments("a"),
+        deployment("plain"),
+        replica_set("plain"),
+        owned_pod("Deployment", "plain", 7, sidecar=False),
+        deployment("scaled-down", replicas=0, template_annotations=SIDECAR, tier="back"),
+        kube_injected,
+        job_pod,
+    ]
+    found = {e.name: e for e in enforcers(NS, objects)}
+    assert sorted(found) == ["Deployment shop/a", "Deployment shop/scaled-down", "Pod shop/job-x"]
+    assert found["Deployment shop/scaled-down"].selected_by({"tier": "back"})  # its template's labels
+    assert found["Deployment shop/a"].selected_by({"pod-template-hash": "5d8f7c6b9"})  # its pods' labels
+    assert not found["Deployment shop/a"].selected_by({"app": "b"})
+
+
+def test_a_namespace_without_sidecars_or_policies_has_no_policy_findings() -> None:
+    assert policy_findings(NS, [*world(), strict(), policy("AuthorizationPolicy", "deny", action="DENY")]) == []
+    assert policy_findings(NS, [*world(), *sidecar_deployments("a")]) == []
+
+
 # ------------------------------------------------------------------------------------- the CLI, end to end
 
 RESOURCES = (
@@ -698,3 +920,149 @@ def test_usage_errors(cluster: Cluster) -> None:
     assert cluster.canal("namespace", NS, "--timeout", "0").returncode == 2
     missing = cluster.canal("rollback", "nowhere")
     assert missing.returncode == 1 and "error: namespace nowhere not found" in missing.stderr
+
+
+# ------------------------------------------------------------------- the CLI and Istio security policy
+
+SECURITY = tuple(
+    custom_resource(f"security.istio.io/{version}", kind, plural, status=False)
+    for version in ("v1", "v1beta1")
+    for kind, plural in (
+        ("AuthorizationPolicy", "authorizationpolicies"),
+        ("PeerAuthentication", "peerauthentications"),
+        ("RequestAuthentication", "requestauthentications"),
+    )
+)
+DENY_ALL = policy("AuthorizationPolicy", "deny-all", action="DENY", rules=[{}])
+MESH_STRICT = strict("default", ROOT)
+HINT = "2 Istio security policies above would no longer be enforced; to migrate anyway, leaving them unenforced"
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Cluster]:
+    """The test API server with Istio's security CRDs installed (v1 and v1beta1, as Istio 1.22+ serves them)."""
+    with KubeApiServer(RESOURCES + SECURITY) as server:
+        yield Cluster(server, tmp_path)
+
+
+def test_policies_the_sidecars_enforce_refuse_the_migration(secured: Cluster) -> None:
+    secured.seed([*world(), *sidecar_deployments("a", "b"), DENY_ALL, MESH_STRICT])
+    secured.server.clear_requests()
+    result = secured.canal("namespace", NS, "--restart")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert (
+        f"  refused: AuthorizationPolicy shop/deny-all: DENY policy enforced by {A_AND_B}; without sidecars it is no "
+        f"longer enforced: the requests it denies get through {NOT_APPLIED}"
+    ) in lines
+    assert (
+        "  refused: PeerAuthentication istio-system/default: mesh-wide (root namespace istio-system): requires "
+        f"mutual TLS (STRICT) at {A_AND_B}; {PLAINTEXT}"
+    ) in lines
+    assert "migration of shop refused: 2 problem(s); nothing changed" in result.stderr
+    assert f"{HINT}, rerun with --accept-unenforced-policies" in result.stderr
+    assert secured.writes() == []
+    assert secured.namespace()["labels"] == {"istio-injection": "enabled"}
+    listed = {(r.kind, r.namespace) for r in secured.server.requests_of("list") if r.path.startswith("/apis/security")}
+    assert listed == {
+        (k, ns) for k in ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication") for ns in (NS, ROOT)
+    }
+
+
+def test_accepting_unenforced_policies_migrates_and_warns(secured: Cluster) -> None:
+    jwt = policy("RequestAuthentication", "jwt", jwtRules=[{"issuer": "https://auth.example.com"}])
+    secured.seed([*world(), *sidecar_deployments("a"), DENY_ALL, jwt])
+    result = secured.canal("namespace", NS, "--accept-unenforced-policies")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(
+        line.startswith(f"  warning: AuthorizationPolicy shop/deny-all: DENY policy enforced by {ONLY_A}")
+        for line in lines
+    )
+    assert any(line.startswith("  warning: RequestAuthentication shop/jwt: JWT validation") for line in lines)
+    assert "warning: continuing although 2 Istio security policies will no longer be enforced in shop" in lines
+    assert lines[-1] == "done: namespace shop gets no new sidecars"
+    assert secured.namespace()["labels"] == {"istio-injection": "disabled"}
+
+
+def test_a_dry_run_prints_the_policies_too(secured: Cluster) -> None:
+    secured.seed([*world(), *sidecar_deployments("a"), DENY_ALL])
+    secured.server.clear_requests()
+    refused = secured.canal("namespace", NS, "--dry-run")
+    assert refused.returncode == 1
+    assert any(
+        line.startswith("  refused: AuthorizationPolicy shop/deny-all: ") for line in refused.stdout.splitlines()
+    )
+    accepted = secured.canal("namespace", NS, "--dry-run", "--accept-unenforced-policies")
+    assert accepted.returncode == 0, accepted.stderr
+    lines = accepted.stdout.splitlines()
+    assert any(line.startswith("  warning: AuthorizationPolicy shop/deny-all: ") for line in lines)
+    assert "dry run: label namespace shop istio-injection=disabled (was: enabled)" in lines
+    assert lines[-1] == "dry run: nothing was changed"
+    assert secured.writes() == []
+
+
+def test_a_policy_not_matching_any_sidecar_workload_lets_the_migration_go(secured: Cluster) -> None:
+    elsewhere = policy("AuthorizationPolicy", "deny-all", ns="billing", action="DENY")
+    web_only = policy("AuthorizationPolicy", "web", selector={"matchLabels": {"app": "web"}}, action="DENY")
+    secured.seed([*world(), *sidecar_deployments("a"), elsewhere, web_only, strict(mode="PERMISSIVE")])
+    result = secured.canal("namespace", NS)
+    assert result.returncode == 0, result.stderr
+    assert "AuthorizationPolicy" not in result.stdout and "PeerAuthentication" not in result.stdout
+    assert secured.namespace()["labels"] == {"istio-injection": "disabled"}
+
+
+def test_the_istio_root_namespace_option(secured: Cluster) -> None:
+    secured.seed([*world(), *sidecar_deployments("a"), strict("default", "mesh-root")])
+    assert secured.canal("namespace", NS, "--dry-run").returncode == 0  # istio-system is the root by default
+    result = secured.canal("namespace", NS, "--dry-run", "--istio-root-namespace", "mesh-root")
+    assert result.returncode == 1
+    assert "  refused: PeerAuthentication mesh-root/default: mesh-wide (root namespace mesh-root): " in result.stdout
+
+
+def test_the_served_version_is_discovered(tmp_path: Path) -> None:
+    older = tuple(r for r in SECURITY if r.version == "v1beta1")  # Istio before 1.22
+    with KubeApiServer(RESOURCES + older) as server:
+        cluster = Cluster(server, tmp_path)
+        cluster.seed(
+            [*world(), *sidecar_deployments("a"), policy("AuthorizationPolicy", "deny-all", version="v1beta1")]
+        )
+        result = cluster.canal("namespace", NS)
+        assert result.returncode == 1
+        assert "  refused: AuthorizationPolicy shop/deny-all: ALLOW policy enforced by" in result.stdout
+        paths = {r.path for r in server.requests_of("list") if "security.istio.io" in r.path}
+    assert "/apis/security.istio.io/v1beta1/namespaces/shop/authorizationpolicies" in paths
+
+
+def test_without_the_security_crds_there_is_nothing_to_enforce(tmp_path: Path) -> None:
+    only_authz = tuple(r for r in SECURITY if r.version == "v1" and r.kind == "AuthorizationPolicy")
+    for resources in (RESOURCES, RESOURCES + only_authz):  # no security.istio.io at all; one CRD of three
+        with KubeApiServer(resources) as server:
+            cluster = Cluster(server, tmp_path)
+            cluster.seed([*world(), *sidecar_deployments("a")])
+            result = cluster.canal("namespace", NS, "--dry-run")
+            assert result.returncode == 0, result.stderr
+            assert "warning" not in result.stdout
+
+
+def test_policies_that_cannot_be_listed_refuse(secured: Cluster) -> None:
+    secured.seed([*world(), *sidecar_deployments("a")])
+    secured.server.inject_failure(
+        403, verb="list", kind="PeerAuthentication", namespace=NS, message="forbidden by RBAC"
+    )
+    result = secured.canal("namespace", NS)
+    assert result.returncode == 1
+    assert "error: cannot list peerauthentications in shop: HTTP 403: forbidden by RBAC" in result.stderr
+    assert secured.namespace()["labels"] == {"istio-injection": "enabled"}
+
+
+def test_rollback_does_not_look_at_policies(secured: Cluster) -> None:
+    secured.seed([*world(), *sidecar_deployments("a"), DENY_ALL, MESH_STRICT])
+    assert secured.canal("namespace", NS, "--accept-unenforced-policies").returncode == 0
+    secured.server.clear_requests()
+    back = secured.canal("rollback", NS)
+    assert back.returncode == 0, back.stderr
+    assert secured.namespace()["labels"] == {"istio-injection": "enabled"}
+    assert "AuthorizationPolicy" not in back.stdout
+    assert not [r for r in secured.server.requests if "security.istio.io" in r.path]
+    assert secured.canal("rollback", NS, "--accept-unenforced-policies").returncode == 2  # not an option of rollback

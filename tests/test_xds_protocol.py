@@ -918,3 +918,16 @@ async def test_unknown_type_queued_behind_another_request_is_refused_cleanly():
         pass
     assert context.aborted is not None
     assert context.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT and "example.Unknown" in context.aborted[1]
+
+
+@aio
+async def test_a_busy_port_is_an_error_not_a_shared_listener():
+    """gRPC's default SO_REUSEPORT would let a second control plane share the port and take half the proxies."""
+    first = XdsServer(SnapshotCache())
+    port = await first.start("127.0.0.1:0")
+    try:
+        second = XdsServer(SnapshotCache())
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await second.start(f"127.0.0.1:{port}")
+    finally:
+        await first.stop()

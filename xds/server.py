@@ -504,10 +504,16 @@ class XdsServer:
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", round(self.min_client_ping_interval * 1000)),
+                # gRPC sets SO_REUSEPORT by default: a second control plane on the same port would silently
+                # share it (the kernel spreads proxies over both); a busy port must be an error instead.
+                ("grpc.so_reuseport", 0),
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
-        self.port = server.add_insecure_port(address)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as err:  # grpc's way of saying the bind failed (in use, no such address)
+            raise OSError(f"cannot listen on {address}: {err}") from None
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await server.start()

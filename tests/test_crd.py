@@ -11,7 +11,7 @@ inputs only CEL rejects are listed in MODEL_ONLY.
 What is compared with the model (canal/model/internal_gateway.py):
 - BAD: inputs both reject, the schema at (or next to) the field the model names;
 - MODEL_ONLY: inputs only the model rejects, each with the reason a structural schema cannot say it;
-- SCHEMA_STRICTER: inputs only the schema rejects, each with the reason (typed fields, Go's IP syntax);
+- SCHEMA_STRICTER: inputs only the schema rejects, each with the reason (typed fields);
 - every InternalGateway of examples/, the README and tests/corpus: the model's verdict at parse time holds for the
   schema too, and what the API server stores (defaults applied) parses to the same InternalGateway;
 - the field lists: the fields the model reads, recorded by running it on mappings that log every key looked up,
@@ -445,11 +445,14 @@ def _junctions(node: dict) -> Iterator[tuple[str, dict]]:
 
 
 def _shard_names_rule(address: dict) -> bool:
-    """The CEL rule on spec.address, in Python: the last shard Service name <name>-<shards-1> is a DNS label."""
+    """The CEL rule on spec.address, in Python: the last shard Service name <name>-<shards-1> fits a DNS label.
+
+    serviceRef.name is already an RFC 1035 label (its pattern), so the suffix can only make it too long.
+    """
     if "serviceRef" not in address or address.get("shards", 1) <= 1:
         return True
     name, shards = address["serviceRef"]["name"], address["shards"]
-    return "." not in name and len(name) + (2 if shards <= 10 else 3 if shards <= 100 else 4) <= 63
+    return len(name) + (2 if shards <= 10 else 3 if shards <= 100 else 4) <= 63
 
 
 # CEL rules, which this test cannot evaluate: the exact list, each with its Python transliteration (checked against
@@ -459,8 +462,7 @@ def _shard_names_rule(address: dict) -> bool:
 CEL_RULES = {
     "spec.address": (
         "!has(self.serviceRef) || !has(self.shards) || self.shards <= 1 || "
-        "(!self.serviceRef.name.contains('.') && "
-        "size(self.serviceRef.name) + (self.shards <= 10 ? 2 : (self.shards <= 100 ? 3 : 4)) <= 63)",
+        "size(self.serviceRef.name) + (self.shards <= 10 ? 2 : (self.shards <= 100 ? 3 : 4)) <= 63",
         _shard_names_rule,
     ),
 }
@@ -480,12 +482,14 @@ def test_cel_rules_are_exactly_the_listed_ones():
     assert found == {path: rule for path, (rule, _) in CEL_RULES.items()}
 
 
-_SHARD_SERVICE_NAMES = ["g", "gw-1", "a" * 50, "a" * 59, "a" * 60, "a" * 61, "a" * 62, "a" * 63, "a.b", "gw.x-y"]
+# Valid Service names only: a dotted or otherwise invalid serviceRef.name fails its own pattern before the rule.
+_SHARD_SERVICE_NAMES = ["g", "gw-1", "a" * 50, "a" * 59, "a" * 60, "a" * 61, "a" * 62, "a" * 63, "a-b0", "x" * 62 + "9"]
 
 
 @pytest.mark.parametrize("name", _SHARD_SERVICE_NAMES)
 def test_the_shard_name_rule_agrees_with_the_model(name):
     """The CEL rule's transliteration rejects exactly the shard counts the model rejects, for 1..MAX_SHARDS."""
+    assert rejection_paths(ig(address={"serviceRef": {"name": name}})) == []
     _, mirror = CEL_RULES["spec.address"]
     disagree = []
     for shards in range(1, MAX_SHARDS + 1):
@@ -511,6 +515,8 @@ BAD: list[tuple[str, dict, str]] = [
     ("gatewayRef-name-trailing-dot", ig(gatewayRef={"name": "canal."}), "spec.gatewayRef.name"),
     ("gatewayRef-namespace-dotted", ig(gatewayRef={"name": "canal", "namespace": "a.b"}), "spec.gatewayRef.namespace"),
     ("gatewayRef-namespace-64-chars", ig(gatewayRef={"name": "c", "namespace": "n" * 64}), "spec.gatewayRef.namespace"),
+    ("gatewayRef-namespace-empty", ig(gatewayRef={"name": "c", "namespace": ""}), "spec.gatewayRef.namespace"),
+    ("gatewayRef-name-underscore", ig(gatewayRef={"name": "canal_gw"}), "spec.gatewayRef.name"),
     ("workloadSelector-list", ig(workloadSelector=["app"]), "spec.workloadSelector"),
     ("workloadSelector-bad-value", ig(workloadSelector={"app": "not valid!"}), "spec.workloadSelector.app"),
     ("workloadSelector-value-64", ig(workloadSelector={"app": "v" * 64}), "spec.workloadSelector.app"),
@@ -530,9 +536,22 @@ BAD: list[tuple[str, dict, str]] = [
     ("address-ips-not-a-string", ig(address={"ips": [167772161]}), "spec.address.ips[0]"),
     ("address-ips-a-string", ig(address={"ips": "10.0.0.1"}), "spec.address.ips"),
     ("address-ips-duplicate", ig(address={"ips": ["10.0.0.1", "10.0.0.1"]}), "spec.address.ips"),
+    ("address-ips-ipv6-zone", ig(address={"ips": ["fd00::50", "fe80::1%eth0"]}), "spec.address.ips[1]"),
+    ("address-ips-ipv6-numeric-zone", ig(address={"ips": ["fe80::1%2"]}), "spec.address.ips[0]"),
+    ("address-ips-ipv4-mapped-zone", ig(address={"ips": ["::ffff:10.0.0.1%eth0"]}), "spec.address.ips[0]"),
     ("serviceRef-not-a-mapping", ig(address={"serviceRef": "gw"}), "spec.address.serviceRef"),
     ("serviceRef-name-missing", ig(address={"serviceRef": {"namespace": "x"}}), "spec.address.serviceRef.name"),
     ("serviceRef-name-bad", ig(address={"serviceRef": {"name": "gw_1"}}), "spec.address.serviceRef.name"),
+    # Service names are RFC 1035 labels: no dots, a letter first, at most 63 characters.
+    ("serviceRef-name-dotted", ig(address={"serviceRef": {"name": "canal.gateway"}}), "spec.address.serviceRef.name"),
+    ("serviceRef-name-digit-first", ig(address={"serviceRef": {"name": "1-gw"}}), "spec.address.serviceRef.name"),
+    ("serviceRef-name-64-chars", ig(address={"serviceRef": {"name": "g" * 64}}), "spec.address.serviceRef.name"),
+    ("serviceRef-name-dash-end", ig(address={"serviceRef": {"name": "gw-"}}), "spec.address.serviceRef.name"),
+    (
+        "serviceRef-name-dotted-and-sharded",
+        ig(address={"serviceRef": {"name": "canal.gateway"}, "shards": 2}),
+        "spec.address.serviceRef.name",
+    ),
     (
         "serviceRef-namespace-bad",
         ig(address={"serviceRef": {"name": "gw", "namespace": "Istio"}}),
@@ -552,6 +571,9 @@ BAD: list[tuple[str, dict, str]] = [
     ("clusterDomain-254-chars", ig(clusterDomain=("a" * 50 + ".") * 4 + "a" * 50), "spec.clusterDomain"),
     ("clusterDomain-255-with-dot", ig(clusterDomain=("a" * 50 + ".") * 4 + "a" * 50 + "."), "spec.clusterDomain"),
     ("clusterDomain-number", ig(clusterDomain=5), "spec.clusterDomain"),
+    ("clusterDomain-two-trailing-dots", ig(clusterDomain="cluster.local.."), "spec.clusterDomain"),
+    ("clusterDomain-label-64-chars", ig(clusterDomain="c" * 64 + ".local"), "spec.clusterDomain"),
+    ("clusterDomain-label-64-chars-and-dot", ig(clusterDomain="cluster." + "l" * 64 + "."), "spec.clusterDomain"),
     ("dns-a-string", ig(dns="coredns"), "spec.dns"),
     ("dns-mode-unknown", ig(dns={"mode": "bind"}), "spec.dns.mode"),
     ("dns-mode-case", ig(dns={"mode": "CoreDNS"}), "spec.dns.mode"),
@@ -615,9 +637,54 @@ BAD: list[tuple[str, dict, str]] = [
         "spec.namespaceSelector.matchExpressions[0].key",
     ),
     (
+        "matchExpressions-key-empty-prefix",
+        ig(namespaceSelector={"matchExpressions": [{"key": "/env", "operator": "Exists"}]}),
+        "spec.namespaceSelector.matchExpressions[0].key",
+    ),
+    (
+        "matchExpressions-key-two-slashes",
+        ig(namespaceSelector={"matchExpressions": [{"key": "example.com/a/env", "operator": "Exists"}]}),
+        "spec.namespaceSelector.matchExpressions[0].key",
+    ),
+    (
+        "matchExpressions-key-empty-name",
+        ig(namespaceSelector={"matchExpressions": [{"key": "example.com/", "operator": "Exists"}]}),
+        "spec.namespaceSelector.matchExpressions[0].key",
+    ),
+    (
+        "matchExpressions-key-name-64-chars",
+        ig(namespaceSelector={"matchExpressions": [{"key": "example.com/" + "e" * 64, "operator": "Exists"}]}),
+        "spec.namespaceSelector.matchExpressions[0].key",
+    ),
+    (
         "matchExpressions-operator-missing",
         ig(namespaceSelector={"matchExpressions": [{"key": "env"}]}),
         "spec.namespaceSelector.matchExpressions[0].operator",
+    ),
+    (
+        "matchExpressions-operator-lower-case",
+        ig(namespaceSelector={"matchExpressions": [{"key": "env", "operator": "in", "values": ["a"]}]}),
+        "spec.namespaceSelector.matchExpressions[0].operator",
+    ),
+    (
+        "matchExpressions-doesnotexist-with-values",
+        ig(namespaceSelector={"matchExpressions": [{"key": "env", "operator": "DoesNotExist", "values": ["a"]}]}),
+        "spec.namespaceSelector.matchExpressions[0].values",
+    ),
+    (
+        "matchExpressions-value-bad",
+        ig(namespaceSelector={"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod", "not ok"]}]}),
+        "spec.namespaceSelector.matchExpressions[0].values[1]",
+    ),
+    (
+        "matchExpressions-value-64-chars",
+        ig(namespaceSelector={"matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["v" * 64]}]}),
+        "spec.namespaceSelector.matchExpressions[0].values[0]",
+    ),
+    (
+        "matchExpressions-value-dash-end",
+        ig(namespaceSelector={"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod-"]}]}),
+        "spec.namespaceSelector.matchExpressions[0].values[0]",
     ),
     (
         "matchExpressions-values-a-string",
@@ -656,11 +723,23 @@ MODEL_ONLY: list[tuple[str, dict, str, str]] = [
         "spec.address.shards",
         "CEL rule on spec.address (CEL_RULES): enforced by the API server, not evaluated by this test",
     ),
+    ("workloadSelector-key-empty-prefix", ig(workloadSelector={"/app": "x"}), "spec.workloadSelector", _LABEL_KEYS),
     (
-        "shard-service-name-dotted",
-        ig(address={"serviceRef": {"name": "canal.gateway"}, "shards": 2}),
-        "spec.address.shards",
-        "CEL rule on spec.address (CEL_RULES): enforced by the API server, not evaluated by this test",
+        "matchLabels-key-prefix-254-chars",
+        ig(namespaceSelector={"matchLabels": {("p" * 50 + ".") * 4 + "p" * 50 + "/team": "a"}}),
+        "spec.namespaceSelector.matchLabels",
+        _LABEL_KEYS,
+    ),
+    (
+        "matchExpressions-key-prefix-254-chars",
+        ig(
+            namespaceSelector={
+                "matchExpressions": [{"key": ("p" * 50 + ".") * 4 + "p" * 50 + "/env", "operator": "Exists"}]
+            }
+        ),
+        "spec.namespaceSelector.matchExpressions[0].key",
+        "a pattern cannot bound the prefix apart from the name (the key's maxLength is 253 + 1 + 63), and a CEL rule "
+        "on the items of matchExpressions, a list without maxItems, is over the API server's cost budget",
     ),
 ]
 
@@ -685,18 +764,6 @@ SCHEMA_STRICTER: list[tuple[str, dict, str]] = [
         "matchLabels-value-a-number",
         ig(namespaceSelector={"matchLabels": {"tier": 1}}),
         "typed field: as workloadSelector",
-    ),
-    (
-        "clusterDomain-two-trailing-dots",
-        ig(clusterDomain="cluster.local.."),
-        "the model strips any number of trailing dots; a DNS name has at most one, and a pattern cannot bound the "
-        "length without them",
-    ),
-    (
-        "address-ips-ipv6-zone",
-        ig(address={"ips": ["fe80::1%eth0"]}),
-        "the model (Python's ipaddress) accepts IPv6 zones; the API server's ipv4/ipv6 formats (Go's net.ParseIP) "
-        "do not, and a zone means nothing in a DNS answer or a redirect target",
     ),
 ]
 
@@ -737,6 +804,7 @@ def test_schema_stricter_than_model(obj, why):
 # The corpus's InternalGateways rejected when parsed alone whose check the schema cannot express.
 CORPUS_MODEL_ONLY = {
     "079-internal-gateway-shard-service-name-too-long": "CEL rule on spec.address (CEL_RULES)",
+    "087-internal-gateway-workload-selector-key-empty-prefix": "a map's keys (see _LABEL_KEYS)",
 }
 
 
@@ -787,6 +855,23 @@ def _valid_objects() -> list:
         pytest.param(ig(dns={"mode": "coredns", "ttl": 0}), id="ttl-zero"),
         pytest.param(ig(dns={"ttl": MAX_TTL}), id="ttl-max"),
         pytest.param(ig(gatewayRef={"name": "a.b-c.d"}), id="gateway-name-subdomain"),
+        pytest.param(ig(gatewayRef={"name": "1-canal", "namespace": "0-mesh"}), id="gateway-names-digit-first"),
+        pytest.param(ig(address={"serviceRef": {"name": "g" * 62 + "0"}}), id="service-name-63-chars"),
+        pytest.param(ig(address={"ips": ["fe80::1"]}), id="ips-link-local-without-zone"),
+        pytest.param(ig(clusterDomain="c" * 63 + ".local."), id="cluster-domain-63-char-label"),
+        pytest.param(
+            ig(
+                workloadSelector={("p" * 50 + ".") * 4 + "p" * 49 + "/" + "n" * 63: "v" * 63, "a": ""},
+                namespaceSelector={
+                    "matchLabels": {"example.com/Team_1.x": "A-b_c.9"},
+                    "matchExpressions": [
+                        {"key": ("p" * 50 + ".") * 4 + "p" * 49 + "/env", "operator": "In", "values": ["", "prod"]},
+                        {"key": "n" * 63, "operator": "NotIn", "values": ["v" * 63]},
+                    ],
+                },
+            ),
+            id="label-keys-and-values-at-their-limits",
+        ),
         pytest.param(ig(clusterDomain=("a" * 50 + ".") * 4 + "a" * 49 + "."), id="cluster-domain-253-and-dot"),
         pytest.param(ig(namespaceSelector={}), id="namespace-selector-empty"),
         pytest.param(ig(workloadSelector={}), id="workload-selector-empty"),

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from canal.model.base import FieldError, Issues, Meta, Node, ObjectRef, parse_meta
 from canal.model.values import (
     LabelSelector,
-    check_dns_subdomain,
+    check_dns_name,
     check_ip,
     check_labels,
-    is_dns_label,
+    check_namespace_name,
+    check_service_name,
+    is_dns1035_label,
+    is_dns_subdomain,
     parse_label_selector,
 )
 
@@ -66,22 +69,31 @@ class InternalGateway:
         return f"{self.meta.namespace}/{self.meta.name}"
 
 
-def _ref(node: Node, default_namespace: str) -> NamespacedName:
-    name = node.str("name", required=True)
-    namespace = node.str("namespace", default=default_namespace)
-    for key, value in (("name", name), ("namespace", namespace)):
-        if not is_dns_label(value) and not (key == "name" and _is_subdomain(value)):
-            raise node.fail(key, f"is not a valid Kubernetes name: {value!r}")
+def _check_gateway_name(name: str, path: str) -> str:
+    """Istio's Gateway is a custom resource: its names are DNS subdomains, as for every custom resource."""
+    if not is_dns_subdomain(name):
+        raise FieldError(
+            path,
+            f"is not a valid Gateway name (a lower-case RFC 1123 DNS subdomain of at most 253 characters): {name!r}",
+        )
+    return name
+
+
+def _ref(node: Node, default_namespace: str, check_name: Callable[[str, str], str]) -> NamespacedName:
+    """A reference checked by the rule Kubernetes applies to the named kind, so a typo is not a silent miss."""
+    name = check_name(node.str("name", required=True), node.at("name"))
+    namespace = check_namespace_name(node.str("namespace", default=default_namespace), node.at("namespace"))
     node.done()
     return NamespacedName(namespace, name)
 
 
-def _is_subdomain(value: str) -> bool:
-    try:
-        check_dns_subdomain(value, "")
-    except FieldError:
-        return False
-    return True
+def _cluster_domain(spec: Node) -> str:
+    """One trailing dot (an absolute name) is allowed; the rest must be a DNS name."""
+    domain = spec.str("clusterDomain", default="cluster.local")
+    bare = domain[:-1] if domain.endswith(".") else domain
+    if bare.endswith("."):
+        raise spec.fail("clusterDomain", f"may end with one dot, not more: {domain!r}")
+    return check_dns_name(bare, spec.at("clusterDomain"))
 
 
 def parse_internal_gateway(obj: Mapping[str, Any], issues: Issues) -> InternalGateway:
@@ -90,7 +102,7 @@ def parse_internal_gateway(obj: Mapping[str, Any], issues: Issues) -> InternalGa
     gateway_node = spec.node("gatewayRef")
     if gateway_node is None:
         raise spec.fail("gatewayRef", "is required: an InternalGateway names exactly one Istio Gateway")
-    gateway = _ref(gateway_node, meta.namespace)
+    gateway = _ref(gateway_node, meta.namespace, _check_gateway_name)
     workload = check_labels(spec.str_map("workloadSelector"), spec.at("workloadSelector"))
 
     address_service, address_ips, shards = None, (), 1
@@ -101,13 +113,13 @@ def parse_internal_gateway(obj: Mapping[str, Any], issues: Issues) -> InternalGa
         if service_node is not None and ips:
             raise FieldError(address.path, "set either serviceRef or ips, not both")
         if service_node is not None:
-            address_service = _ref(service_node, meta.namespace)
+            address_service = _ref(service_node, meta.namespace, check_service_name)
         shards = address.int("shards", default=1, lo=1, hi=MAX_SHARDS) or 1
         if shards > 1 and address_service is None:
             raise address.fail("shards", "needs serviceRef: shard k is reached through the Service <name>-<k>")
         if shards > 1 and address_service is not None:
             last = f"{address_service.name}-{shards - 1}"
-            if not is_dns_label(last):
+            if not is_dns1035_label(last):
                 raise address.fail("shards", f"shard Service name {last!r} is not a valid Service name")
         address_ips = tuple(check_ip(ip, f"{address.at('ips')}[{i}]") for i, ip in enumerate(ips))
         if len(set(address_ips)) != len(address_ips):
@@ -116,9 +128,7 @@ def parse_internal_gateway(obj: Mapping[str, Any], issues: Issues) -> InternalGa
             raise FieldError(address.path, "must set serviceRef or ips")
         address.done()
 
-    domain = check_dns_subdomain(
-        spec.str("clusterDomain", default="cluster.local").rstrip("."), spec.at("clusterDomain")
-    )
+    domain = _cluster_domain(spec)
     dns_mode, dns_ttl = "coredns", DEFAULT_TTL
     dns = spec.node("dns")
     if dns is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from canal.model.base import INT32_MAX, UINT32_MAX, FieldError, Issues, Meta, Node, ObjectRef, parse_meta
 from canal.model.values import (
-    check_dns_subdomain,
+    check_dns_name,
     check_header_format,
     check_header_name,
     check_header_value,
@@ -184,7 +184,7 @@ def parse_destination(node: Node) -> Destination:
     host = node.str("host", required=True).strip().lower()
     if host == "*" or "*" in host:
         raise node.fail("host", f"a destination must name one host, not a wildcard: {host!r}")
-    check_dns_subdomain(host, node.at("host"))
+    check_dns_name(host, node.at("host"))
     subset = node.str("subset")
     if subset and not is_dns_label(subset):
         raise node.fail("subset", f"is not a valid subset name (DNS label): {subset!r}")
@@ -248,7 +248,7 @@ def _parse_server_host(text: str, path: str) -> ServerHost:
     dns = dns.lower()
     if dns != "*":
         bare = dns[2:] if dns.startswith("*.") else dns
-        check_dns_subdomain(bare, path)
+        check_dns_name(bare, path)
     return ServerHost(namespace, dns)
 
 
@@ -814,7 +814,7 @@ def _check_vs_host(host: str, path: str) -> str:
     bare = host[2:] if host.startswith("*.") else host
     if "*" in bare:
         raise FieldError(path, f"wildcards are only allowed as a leading '*.', got {host!r}")
-    check_dns_subdomain(bare, path)
+    check_dns_name(bare, path)
     return host
 
 
@@ -1129,7 +1129,7 @@ def parse_destination_rule(obj: Mapping[str, Any], issues: Issues) -> Destinatio
     host = spec.str("host", required=True).strip().lower()
     if "*" in host:
         raise spec.fail("host", "wildcard hosts are not supported for gateway destinations")
-    check_dns_subdomain(host, spec.at("host"))
+    check_dns_name(host, spec.at("host"))
     policy_node = spec.node("trafficPolicy")
     policy = _parse_policy(policy_node) if policy_node is not None else None
 

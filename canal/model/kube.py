@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from canal.model.base import API_TIMESTAMP, FieldError, Issues, Meta, Node, ObjectRef, parse_meta
-from canal.model.values import check_ip
+from canal.model.values import check_ip, check_namespace_name, check_service_name, is_ipv6
 
 # Istio's protocol selection: appProtocol wins, else the port name prefix `<protocol>[-<suffix>]`.
 _KNOWN_APP_PROTOCOLS = {
@@ -126,22 +126,45 @@ class Namespace:
         return ObjectRef("Namespace", "", self.meta.name)
 
 
+def _cluster_ips(spec: Node) -> list[str]:
+    """spec.clusterIP and spec.clusterIPs, checked as the API server does (one may be left out, as kubectl allows).
+
+    Empty for headless Services. The primary comes first; dual stack means one address per family, no more.
+    """
+    listed = list(spec.str_list("clusterIPs"))
+    primary = spec.str("clusterIP")
+    if "None" in listed and listed != ["None"]:
+        raise spec.fail("clusterIPs", f"'None' (headless) must be the first and only value, got {listed!r}")
+    if primary == "None" or listed == ["None"]:
+        if primary not in ("None", "") or listed not in (["None"], []):
+            raise spec.fail(
+                "clusterIPs",
+                f"disagrees with spec.clusterIP {primary!r}: a headless Service has None in both, got {listed!r}",
+            )
+        return []
+    cluster_ips = [check_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(listed) if ip]
+    if primary:
+        primary = check_ip(primary, "spec.clusterIP")
+        if cluster_ips and cluster_ips[0] != primary:
+            raise spec.fail("clusterIPs", f"must start with spec.clusterIP {primary!r}, got {listed[0]!r}")
+        if not cluster_ips:
+            cluster_ips.append(primary)
+    if len(cluster_ips) > 2 or len({is_ipv6(ip) for ip in cluster_ips}) != len(cluster_ips):
+        raise spec.fail("clusterIPs", f"may hold one address per IP family (IPv4, IPv6), got {listed!r}")
+    return cluster_ips
+
+
 def parse_service(obj: Mapping[str, Any], issues: Issues) -> Service:
     meta = parse_meta(obj, issues)
+    # The name is a label of every DNS name and virtual-host domain of the Service: a dot in it would make
+    # <name>.<namespace> ambiguous with another Service's names.
+    check_service_name(meta.name, "metadata.name")
+    check_namespace_name(meta.namespace, "metadata.namespace")
     spec = Node(obj.get("spec") or {}, "spec", issues)
     svc_type = spec.str("type", default="ClusterIP")
     if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
         raise spec.fail("type", f"must be ClusterIP, NodePort, LoadBalancer or ExternalName, got {svc_type!r}")
-    listed = spec.str_list("clusterIPs")
-    primary = spec.str("clusterIP")
-    if primary == "None" or "None" in listed:
-        cluster_ips: list[str] = []  # headless
-    else:
-        cluster_ips = [check_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(listed) if ip]
-        if primary:
-            primary = check_ip(primary, "spec.clusterIP")
-            if primary not in cluster_ips:
-                cluster_ips.insert(0, primary)
+    cluster_ips = _cluster_ips(spec)
     ports = []
     seen_ports: set[tuple[int, str]] = set()
     for p in spec.nodes("ports"):
@@ -182,6 +205,14 @@ def _condition(conditions: Node, key: str, default: bool) -> bool:
     return value
 
 
+def _slice_address(text: str, path: str, address_type: str) -> str:
+    """An endpoint address of the slice's own family: the API server refuses an IPv6 address in an IPv4 slice."""
+    address = check_ip(text, path)
+    if is_ipv6(address) != (address_type == "IPv6"):
+        raise FieldError(path, f"is not an {address_type} address, as the slice's addressType requires: {text!r}")
+    return address
+
+
 def parse_endpoint_slice(obj: Mapping[str, Any], issues: Issues) -> EndpointSlice:
     meta = parse_meta(obj, issues)
     root = Node(obj, "", issues)
@@ -192,7 +223,9 @@ def parse_endpoint_slice(obj: Mapping[str, Any], issues: Issues) -> EndpointSlic
     for ep in root.nodes("endpoints"):
         addresses = ep.str_list("addresses")
         if address_type != "FQDN":
-            addresses = tuple(check_ip(a, f"{ep.at('addresses')}[{i}]") for i, a in enumerate(addresses))
+            addresses = tuple(
+                _slice_address(a, f"{ep.at('addresses')}[{i}]", address_type) for i, a in enumerate(addresses)
+            )
         cond = ep.node_or_empty("conditions")
         # API semantics: an unknown (nil) ready condition means ready; serving defaults to ready.
         ready = _condition(cond, "ready", True)

@@ -110,7 +110,11 @@ def check_regex(pattern: str, path: str) -> str:
 
 
 def check_ip(text: str, path: str) -> str:
-    """Validate an address; returns its canonical text (IPv6 compressed)."""
+    """Validate a cluster address; returns its canonical text (IPv6 compressed).
+
+    Python's ipaddress accepts IPv6 zones ("fe80::1%eth0"); Kubernetes (Go's net.ParseIP) does not, and a zone
+    names a link of one host, so it cannot be part of an address published in DNS or redirected to on every node.
+    """
     if isinstance(text, str) and text.count(".") == 3:
         try:  # the common case, in C; like ipaddress, glibc rejects leading zeros
             socket.inet_pton(socket.AF_INET, text)
@@ -118,28 +122,85 @@ def check_ip(text: str, path: str) -> str:
         except OSError:
             pass
     try:
-        return str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text)
     except ValueError:
         raise FieldError(path, f"is not a valid IPv4 or IPv6 address: {text!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise FieldError(
+            path,
+            f"must not have an IPv6 zone ('%{address.scope_id}'): a zone is local to one host and means nothing "
+            f"for a cluster address: {text!r}",
+        )
+    return str(address)
 
 
 def is_ipv6(address: str) -> bool:
     return ":" in address
 
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# Kubernetes' name rules (k8s.io/apimachinery/pkg/util/validation); a subdomain's 253 is checked apart.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123 label: Namespaces
+_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1035 label: Services
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")  # most kinds
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*")  # labels <= 63
 _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]")
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_LABEL_SYNTAX = "at most 63 characters, alphanumeric at both ends, only '-', '_', '.' and alphanumerics inside"
+_DNS_LABEL_SYNTAX = "at most 63 lower-case alphanumerics or '-'"
 
 
 def is_dns_label(text: str) -> bool:
+    """RFC 1123 label, as Kubernetes checks Namespace names (and Istio subset names)."""
     return bool(_DNS_LABEL.fullmatch(text))
 
 
+def is_dns1035_label(text: str) -> bool:
+    """RFC 1035 label, as Kubernetes checks Service names: like RFC 1123 but starting with a letter."""
+    return bool(_DNS_1035_LABEL.fullmatch(text))
+
+
+def is_dns_subdomain(text: str) -> bool:
+    return len(text) <= 253 and bool(_DNS_SUBDOMAIN.fullmatch(text))
+
+
 def check_dns_subdomain(text: str, path: str) -> str:
-    if len(text) > 253 or not _DNS_SUBDOMAIN.fullmatch(text):
+    if not is_dns_subdomain(text):
         raise FieldError(path, f"must be a lower-case DNS name (RFC 1123), got {text!r}")
+    return text
+
+
+def check_dns_name(text: str, path: str) -> str:
+    """A name that goes on the wire (cluster domain, hosts): a DNS subdomain whose labels fit DNS's 63 octets.
+
+    Kubernetes object names (check_dns_subdomain) have no per-label bound; a DNS name does (RFC 1035), and so
+    does Istio's host validation.
+    """
+    check_dns_subdomain(text, path)
+    if not _DNS_NAME.fullmatch(text):
+        label = max(text.split("."), key=len)
+        raise FieldError(
+            path, f"must be a lower-case DNS name (RFC 1123): label {label!r} is longer than 63 characters"
+        )
+    return text
+
+
+def check_namespace_name(text: str, path: str) -> str:
+    if not is_dns_label(text):
+        raise FieldError(
+            path,
+            f"is not a valid namespace name (an RFC 1123 DNS label: {_DNS_LABEL_SYNTAX}, alphanumeric at both "
+            f"ends): {text!r}",
+        )
+    return text
+
+
+def check_service_name(text: str, path: str) -> str:
+    if not is_dns1035_label(text):
+        raise FieldError(
+            path,
+            f"is not a valid Service name (an RFC 1035 DNS label: {_DNS_LABEL_SYNTAX}, starting with a letter, "
+            f"ending with a letter or digit): {text!r}",
+        )
     return text
 
 
@@ -265,18 +326,44 @@ class LabelSelector:
         return all(r.matches(labels) for r in self.expressions)
 
 
+def _label_key_problem(key: str) -> str | None:
+    """Kubernetes' qualified name: [prefix/]name, the prefix a DNS subdomain (<= 253), the name a label name."""
+    parts = key.split("/")
+    if len(parts) > 2:
+        return "has more than one '/'"
+    name = parts[-1]
+    if len(parts) == 2:
+        prefix = parts[0]
+        if not prefix:
+            return "the prefix before '/' must not be empty"
+        if not is_dns_subdomain(prefix):
+            return "the prefix before '/' must be a lower-case DNS subdomain (RFC 1123) of at most 253 characters"
+    which = "the name after the prefix" if len(parts) == 2 else "the name"
+    if not name:
+        return f"{which} must not be empty"
+    if not _LABEL_NAME.fullmatch(name):
+        return f"{which} must be {_LABEL_SYNTAX}"
+    return None
+
+
 def check_label_key(key: str, path: str) -> str:
-    prefix, _, name = key.rpartition("/")
-    if (prefix and not _DNS_SUBDOMAIN.fullmatch(prefix)) or not _LABEL_NAME.fullmatch(name):
-        raise FieldError(path, f"is not a valid label key: {key!r}")
+    problem = _label_key_problem(key)
+    if problem:
+        raise FieldError(path, f"is not a valid label key: {key!r}: {problem}")
     return key
+
+
+def check_label_value(value: str, path: str) -> str:
+    """Empty, or a label name: the same charset and bound as the name part of a key."""
+    if value and not _LABEL_NAME.fullmatch(value):
+        raise FieldError(path, f"is not a valid label value: {value!r}: must be empty or {_LABEL_SYNTAX}")
+    return value
 
 
 def check_labels(labels: Mapping[str, str], path: str) -> tuple[tuple[str, str], ...]:
     for key, value in labels.items():
-        check_label_key(key, path)
-        if value and not _LABEL_NAME.fullmatch(value):
-            raise FieldError(f"{path}.{key}", f"is not a valid label value: {value!r}")
+        check_label_key(key, path)  # at the map: a key is not a field of its own
+        check_label_value(value, f"{path}.{key}")
     return tuple(sorted(labels.items()))
 
 
@@ -293,6 +380,8 @@ def parse_label_selector(node: Node) -> LabelSelector:
             raise expr.fail("values", f"must not be empty for operator {operator}")
         if operator in ("Exists", "DoesNotExist") and values:
             raise expr.fail("values", f"must be empty for operator {operator}")
+        for i, value in enumerate(values):
+            check_label_value(value, f"{expr.at('values')}[{i}]")
         expr.done()
         expressions.append(Requirement(key, operator, tuple(sorted(values))))
     node.done()

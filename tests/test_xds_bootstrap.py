@@ -4,7 +4,9 @@ node in the group the xDS server will assign it to (the convention in xds/types.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,22 @@ def test_the_installed_command_reports_usage_errors_without_a_traceback():
     result = run_canal("bootstrap", "--xds-address", "127.0.0.1:18000", "--node-id", "gw-7", "--group", "canal")
     assert result.returncode == 2
     assert "--group" in result.stderr and "'canal'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_gateway_without_config_never_reports_ready(tmp_path):
+    """Envoy's default initial fetch timeout (15 s) would end initialization without any config and make /ready
+    answer 200: the gateway pod would turn Ready and receive redirected traffic it cannot route. Nothing listens
+    on the xDS port here; after the default timeout has passed, the Envoy must still say it is initializing."""
+    from tests.envoy_harness import Envoy, free_port, wait_for
+
+    envoy = Envoy(tmp_path, free_port())
+    try:
+        wait_for(lambda: "state" in envoy.admin("/server_info"), what="Envoy's admin interface")
+        time.sleep(17)
+        assert envoy.alive()
+        info = json.loads(envoy.admin("/server_info"))
+        assert info["state"] in ("PRE_INITIALIZING", "INITIALIZING"), info["state"]
+        assert envoy.admin("/ready").strip() != "LIVE"
+    finally:
+        envoy.stop()

@@ -59,7 +59,9 @@ def bootstrap(
         metadata = {GROUP_METADATA_KEY: group}
     else:
         raise ValueError(f"group must be <namespace>/<name> of an InternalGateway, got {group!r}")
-    ads = {"ads": {}, "resource_api_version": "V3"}
+    # No initial fetch timeout: by default Envoy finishes initializing after 15 s without config and reports
+    # ready, and a ready gateway pod gets redirected traffic; ready must mean configured.
+    ads = {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"}
     config: dict[str, Any] = {
         "node": {"id": node_id, "cluster": group, "metadata": metadata},
         "dynamic_resources": {

@@ -20,7 +20,7 @@ from canal.observe import Endpoints
 from canal.xds.bootstrap import split_address
 from canal.xds.cache import SnapshotCache
 from canal.xds.metrics import XdsMetrics
-from canal.xds.publisher import DEFAULT_MAX_DELAY, DEFAULT_QUIET, Publisher
+from canal.xds.publisher import DEFAULT_DRAIN_GRACE, DEFAULT_MAX_DELAY, DEFAULT_QUIET, Publisher
 from canal.xds.server import XdsServer
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class ServingOptions:
     dns_address: str | None = None  # None: no DNS server
     dns_upstreams: list[tuple[str, int]] | None = None  # None: the machine's resolvers (/etc/resolv.conf)
     dns_forward: bool = True
+    # after DNS answers and redirects are withdrawn, how long (beyond the records' TTL) the gateway keeps serving
+    drain_grace: float = DEFAULT_DRAIN_GRACE
 
 
 class Serving:
@@ -53,8 +55,14 @@ class Serving:
         self.cache = SnapshotCache()
         self.server = XdsServer(self.cache, XdsMetrics(self.registry))
         self.publisher = Publisher(
-            self.cache, quiet=options.quiet, max_delay=options.max_delay, on_publish=self._published
+            self.cache,
+            quiet=options.quiet,
+            max_delay=options.max_delay,
+            on_publish=self._published,
+            fleet=self.server,
+            drain_grace=options.drain_grace,
         )
+        self.server.watch_convergence(lambda group, _serial, _seconds: self.publisher.converged(group))
         self.endpoints = Endpoints(self.registry, self.ready, self.status)
         self.dns = self._dns_server() if options.dns_address else None
         self.state = DesiredState()
@@ -75,7 +83,12 @@ class Serving:
         return self.server.port != 0 and self.publisher.published.is_set() and dns_ready and self._source_ready()
 
     def status(self) -> dict[str, Any]:
-        out = {"xds": self.server.status(), "rejections": [str(r) for r in sorted(self._rejections)]}
+        out = {
+            "xds": self.server.status(),
+            "rejections": [str(r) for r in sorted(self._rejections)],
+            # DNS answers and redirects waiting for their gateway Envoys to ACK the routes that serve them
+            "exposureHeld": self.publisher.held,
+        }
         if self.dns is not None:
             out["dns"] = {
                 "names": len(self.dns.table),

@@ -19,14 +19,16 @@ The model, and why:
 The steps, in the order a user must take them today:
 1. Migrate: apply the Gateway, InternalGateway and VirtualService with the InternalGateway's DNS rewriting and
    redirect off, wait until the gateway serves the route, then turn both on: DNS flips to the gateway's Service
-   address and the node agent redirects the ClusterIP. (Applying everything in one step, as the README's
-   `kubectl apply -f examples/helloworld/` does, drops requests: see the xfail tests below.)
+   address and the node agent redirects the ClusterIP. Applying everything in one step, as the README's
+   `kubectl apply` does, drops nothing either (the one-shot tests below): Canal gives DNS and the node agents a
+   Service only once every connected gateway Envoy has ACKed the routes that serve it.
 2. Wait until the keep-alive connections opened before the flip have ended: they stay on the old path (conntrack
    keeps their translation) and must finish cleanly there.
 3. Remove the old path (the sidecars go). Traffic continues, all through the gateway.
 Rollback, the reverse: restore the old path first (sidecars back), then turn DNS rewriting and redirects off (the
 routes stay), wait for the gateway's connections to end and cached answers to expire (the DNS TTL), and only then
-delete the objects.
+delete the objects. Deleting them in one step drops nothing either: the answers and redirects are withdrawn at
+once, and the gateway keeps its previous routes for the TTL plus a grace period before it removes them.
 
 Asserted per client: zero failed requests, zero connections reset or left open; every request on a connection
 opened after the flip went through the gateway, every one after the flip back did not; connections from before
@@ -77,12 +79,6 @@ def explain(node: MigrationNode, run: Run) -> str:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    reason="Canal bug: DNS answers and ClusterIP redirects for a Service are published in the same flush as the "
-    "gateway config that serves it, not after the gateway ACKed it, so new connections in between are refused "
-    "(no listener yet) or get 404 (no route yet)",
-    strict=False,
-)
 def test_one_shot_apply_drops_nothing(fresh: MigrationNode) -> None:
     """`kubectl apply -f examples/helloworld/` under load: Gateway, InternalGateway and VirtualService at once.
     First in the module, so the gateway gets its first configuration, as on a new install; new connections come
@@ -111,13 +107,6 @@ def test_migration_and_rollback_under_load_drop_nothing(fresh: MigrationNode) ->
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(
-    reason="Canal bug: deleting the migration objects withdraws the gateway's listener and clusters in the same flush "
-    "as the DNS answers and redirects; Envoy keeps serving the open connections of the draining listener with its "
-    "last routes, whose clusters Canal already removed (503, no_cluster), and clients still holding the gateway's "
-    "address are refused",
-    strict=False,
-)
 def test_one_shot_delete_drops_nothing(fresh: MigrationNode) -> None:
     """Rolling back by deleting the Gateway, InternalGateway and VirtualService in one step (old path restored)."""
     run = run_scenario(fresh, Timings(before=1.0, removed=0.5, end=0.5), rollback="remove")

@@ -267,7 +267,8 @@ class Plane:
     async def __aenter__(self) -> Plane:
         self.cache = SnapshotCache()
         self.server = XdsServer(self.cache)
-        self.publisher = Publisher(self.cache, quiet=0.0, max_delay=0.0)
+        # no draining (removals go at once): these tests watch the protocol, tests/test_xds_publisher.py the drain
+        self.publisher = Publisher(self.cache, quiet=0.0, max_delay=0.0, drain_grace=None)
         self.clients: list[Client] = []
         self.port = await self.server.start("127.0.0.1:0")
         return self

@@ -32,13 +32,21 @@ def run(coroutine: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coroutine, 30))
 
 
-def state(i: int = 1, *, other: bool = False) -> DesiredState:
-    """A distinct desired state per `i`: web's single endpoint is 10.244.1.<i>."""
-    objs = [*base(), *app("web", ips=(f"10.244.1.{i}",)), virtual_service("web", http=[{"route": [route("web")]}])]
+def state(
+    i: int = 1, *, other: bool = False, other_ttl: int = 5, routed: bool = True, gateway_ip: str = ""
+) -> DesiredState:
+    """A distinct desired state per `i`: web's single endpoint is 10.244.1.<i>; `routed`: web's VirtualService."""
+    objs = [*base(), *app("web", ips=(f"10.244.1.{i}",))]
+    if routed:
+        objs.append(virtual_service("web", http=[{"route": [route("web")]}]))
+    if gateway_ip:
+        objs = [o for o in objs if o["kind"] != "InternalGateway"] + [internal_gateway(ips=[gateway_ip])]
     if other:
         objs += [
             gateway("other", servers=[(8080, "HTTP")]),
-            internal_gateway("other", gateway_name="other", ips=["10.96.0.60"]),
+            internal_gateway(
+                "other", gateway_name="other", ips=["10.96.0.60"], dns={"mode": "server", "ttl": other_ttl}
+            ),
             service("greeter", ports=[8080], ip=None),
             endpoint_slice("greeter", endpoints=[("10.244.3.1", "greeter-0")], ports=[("http-8080", 8080)]),
             virtual_service("greeter", gateways=["istio-system/other"], http=[{"route": [route("greeter")]}]),
@@ -258,22 +266,30 @@ def test_on_publish_sees_each_published_state_after_the_snapshots_changed():
 # ------------------------------------------------------------------------------------------------ groups
 
 
-def test_a_removed_gateway_group_is_emptied_and_the_others_are_kept():
+def test_a_removed_gateway_group_drains_then_is_emptied_and_the_others_are_kept():
+    """Its DNS answers go at once; its Envoys keep the old config for the drain period (TTL 0 + grace), then are told
+    to drop everything."""
+
     async def body() -> None:
         cache = SnapshotCache()
-        publisher = Publisher(cache, quiet=0.05, max_delay=0.3)
-        publisher.submit(state(1, other=True))
+        publisher = Publisher(cache, quiet=0.05, max_delay=0.3, drain_grace=0.3)
+        first = state(1, other=True, other_ttl=0)
+        publisher.submit(first)
         publisher.flush()
         assert {GROUP, OTHER} <= set(cache.groups())
         other = cache.get(OTHER)
         assert other is not None
         assert set(other.of(LISTENER)) == {"0.0.0.0_8080"}
         assert set(other.of(CLUSTER)) == {"outbound|8080||greeter.default.svc.cluster.local"}
+        assert "greeter.default.svc.cluster.local" in publisher.exposed.dns
         mine = cache.get(GROUP)
-        changed = cache.changed(OTHER)
 
         publisher.submit(state(1))  # the InternalGateway "other" is gone
         publisher.flush()
+        assert "greeter.default.svc.cluster.local" not in publisher.exposed.dns  # withdrawn at once
+        assert cache.get(OTHER) is other  # still serving what it served
+        changed = cache.changed(OTHER)
+        await asyncio.sleep(0.6)
         emptied = cache.get(OTHER)
         assert emptied is not None and emptied.serial > other.serial
         assert all(emptied.of(t) == {} for t in (*ENVOY_TYPES, REDIRECT))  # its Envoys are told to drop everything
@@ -284,8 +300,6 @@ def test_a_removed_gateway_group_is_emptied_and_the_others_are_kept():
         publisher.submit(state(2))
         publisher.flush()
         assert cache.get(OTHER).serial == serial  # removed once, not again on every publication
-
-    run(body())
 
 
 def test_redirect_rules_go_to_the_node_agent_group_only():
@@ -307,3 +321,99 @@ def test_redirect_rules_go_to_the_node_agent_group_only():
             assert cache.get(group).of(REDIRECT) == {}
 
     run(body())
+
+
+class FakeFleet:
+    """The xDS server's view of a group's Envoys, set by the test."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
+
+    def connected(self, group: str) -> int:
+        return self.count.get(group, 0)
+
+    def converged_serial(self, group: str) -> int:
+        return self.acked.get(group, 0)
+
+
+WEB_NAME = "web.default.svc.cluster.local"
+
+
+def test_exposure_waits_for_the_gateway_ack_and_withdrawal_does_not():
+    """A new DNS answer and redirect go out only once every connected Envoy of the group ACKed the snapshot that
+    serves them; with none connected there is nothing to wait for; a withdrawal goes at once."""
+
+    async def body() -> None:
+        cache, fleet = SnapshotCache(), FakeFleet()
+        seen: list[DesiredState] = []
+        publisher = Publisher(cache, quiet=0.0, max_delay=0.0, fleet=fleet, on_publish=seen.append, drain_grace=0.0)
+        fleet.count[GROUP] = 1  # one Envoy connected, nothing ACKed yet
+        publisher.submit(state(1))
+        publisher.flush()
+        assert WEB_NAME not in publisher.exposed.dns and not publisher.exposed.redirects
+        assert cache.get(NODE_AGENT_GROUP).of(REDIRECT) == {}
+        assert publisher.held == 2  # the name and the ClusterIP redirect
+        serial = cache.get(GROUP).serial
+        fleet.acked[GROUP] = serial - 1
+        publisher.converged(GROUP)  # an older snapshot: still held
+        assert WEB_NAME not in publisher.exposed.dns
+        fleet.acked[GROUP] = serial
+        publisher.converged(GROUP)
+        assert WEB_NAME in publisher.exposed.dns and len(publisher.exposed.redirects) == 1
+        assert len(cache.get(NODE_AGENT_GROUP).of(REDIRECT)) == 1 and publisher.held == 0
+        assert seen[-1] is publisher.exposed  # DNS (and status) were told
+
+        # the VirtualService goes: withdrawn at once, without waiting for any ACK
+        publisher.submit(state(1, routed=False))
+        publisher.flush()
+        assert WEB_NAME not in publisher.exposed.dns and not publisher.exposed.redirects
+
+        # nothing connected: nothing to wait for
+        fleet.count[GROUP] = 0
+        publisher.submit(state(2))
+        publisher.flush()
+        assert WEB_NAME in publisher.exposed.dns and publisher.held == 0
+
+    run(body())
+
+
+def test_a_changed_answer_keeps_the_old_one_until_the_gateway_acked():
+    async def body() -> None:
+        cache, fleet = SnapshotCache(), FakeFleet()
+        publisher = Publisher(cache, quiet=0.0, max_delay=0.0, fleet=fleet)
+        publisher.submit(state(1))
+        publisher.flush()  # nothing connected: exposed at once
+        before = publisher.exposed.dns[WEB_NAME]
+        fleet.count[GROUP] = 1
+        fleet.acked[GROUP] = cache.get(GROUP).serial
+        publisher.submit(state(2, gateway_ip="10.96.0.51"))  # the gateway's config changes too (an endpoint)
+        publisher.flush()
+        assert publisher.exposed.dns[WEB_NAME] is before  # the old answer stays while the gateway catches up
+        fleet.acked[GROUP] = cache.get(GROUP).serial
+        publisher.converged(GROUP)
+        assert publisher.exposed.dns[WEB_NAME].addresses == ("10.96.0.51",)
+        # an answer change alone, the gateway's config unchanged: nothing to wait for
+        publisher.submit(state(2, gateway_ip="10.96.0.52"))
+        publisher.flush()
+        assert publisher.exposed.dns[WEB_NAME].addresses == ("10.96.0.52",)
+
+    run(body())
+
+
+def test_retain_keeps_what_the_new_config_dropped_unless_it_conflicts():
+    from canal.xds.publisher import retain
+
+    old, new = state(1, other=True).envoy, state(1).envoy
+    # the web host's routes stay; a retained host whose domains a new host claims would be a duplicate: skipped
+    merged = retain(new[GROUP], old[GROUP])
+    assert merged.listeners == {**new[GROUP].listeners}
+    without = state(1, routed=False).envoy.get(GROUP)
+    assert without is not None
+    kept = retain(without, new[GROUP])
+    (name,) = new[GROUP].route_configs
+    assert set(kept.route_configs[name].virtual_hosts) == set(new[GROUP].route_configs[name].virtual_hosts)
+    assert set(kept.clusters) == set(new[GROUP].clusters) | set(without.clusters)
+    assert set(kept.endpoints) == set(new[GROUP].endpoints) | set(without.endpoints)
+    clash = retain(new[GROUP], new[GROUP])  # every old host is claimed by the new one of the same name
+    assert clash.route_configs[name].virtual_hosts == new[GROUP].route_configs[name].virtual_hosts

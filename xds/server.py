@@ -488,6 +488,14 @@ class XdsServer:
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
+    def connected(self, group: str) -> int:
+        """How many Envoys of the group are connected to this server."""
+        return len(self.streams.get(group, ()))
+
+    def converged_serial(self, group: str) -> int:
+        """The newest snapshot serial every connected Envoy of the group has ACKed (0: none yet)."""
+        return self._observed.get(group, 0)
+
     def watch_convergence(self, callback: Callable[[str, int, float], None]) -> None:
         """Call `callback(group, serial, seconds)` each time every connected proxy of a group ACKs a snapshot.
 

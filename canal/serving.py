@@ -129,7 +129,9 @@ class Serving:
         await self.endpoints.start(host, port)
 
     async def close(self) -> None:
+        """xDS first (its streams' grace period is the longest wait), DNS last: clients keep getting answers
+        until the process is really going, as CoreDNS's lameduck does."""
+        await self.server.stop()
         await self.endpoints.stop()
         if self.dns is not None:
             await self.dns.stop()
-        await self.server.stop()

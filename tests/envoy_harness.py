@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -69,6 +70,15 @@ def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 
 # ----------------------------------------------------------------------------------------------- backends
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """HTTPServer.server_bind looks its address up in DNS (getfqdn) only to fill server_name, which nothing here
+    reads: in a network namespace without a reachable resolver that costs the resolver's timeout (6 s here)."""
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+
 @dataclass
 class Backend:
     """An HTTP server that answers who it is, the path and headers it saw; optionally fails on purpose."""
@@ -115,7 +125,7 @@ class Backend:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server = _HTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -181,7 +191,17 @@ class Process:
 class ControlPlane(Process):
     """`canal run` on a directory of manifests."""
 
-    def __init__(self, workdir: Path, xds_port: int | None = None, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        xds_port: int | None = None,
+        extra_args: Sequence[str] = (),
+        *,
+        prefix: Sequence[str] = (),
+        xds_host: str = "127.0.0.1",
+    ) -> None:
+        """``prefix``/``xds_host``: run it elsewhere, e.g. ``ip netns exec NS`` listening on 0.0.0.0 (then override
+        ``get`` to reach its probes there)."""
         self.workdir = workdir
         self.manifests = workdir / "manifests"
         self.manifests.mkdir(exist_ok=True)
@@ -189,13 +209,14 @@ class ControlPlane(Process):
         self.http_port = free_port()
         super().__init__(
             [
+                *prefix,
                 str(CANAL),
                 "-v",
                 "run",
                 "-f",
                 str(self.manifests),
                 "--xds-address",
-                f"127.0.0.1:{self.xds_port}",
+                f"{xds_host}:{self.xds_port}",
                 "--metrics-address",
                 f"127.0.0.1:{self.http_port}",
                 "--poll",
@@ -208,8 +229,12 @@ class ControlPlane(Process):
             ],
             workdir / f"canal-{self.xds_port}.log",
         )
-        wait_for(lambda: self.get("/ready")[0] == 200 or not self.alive(), what="canal run ready")
-        assert self.alive(), self.log()
+        try:
+            wait_for(lambda: not self.alive() or self.get("/ready")[0] == 200, what="canal run ready")
+            assert self.alive(), self.log()
+        except BaseException:
+            self.stop()  # a process that never became ready is not left behind
+            raise
 
     def write(self, name: str, objects: list[dict[str, Any]]) -> None:
         """Replace one manifest file atomically (rename), as an editor or kubectl would."""
@@ -249,7 +274,11 @@ class Envoy(Process):
         group: str = "istio-system/canal",
         delta: bool = False,
         node_id: str | None = None,
+        prefix: Sequence[str] = (),
+        xds_host: str = "127.0.0.1",
     ) -> None:
+        """``prefix``/``xds_host``: run it elsewhere, e.g. ``ip netns exec NS`` with the control plane at another
+        address (then override ``admin`` to reach the admin port there)."""
         need_envoy()
         self.admin_port = free_port()
         node_id = node_id or f"gw-{self.admin_port}"
@@ -258,7 +287,7 @@ class Envoy(Process):
                 str(CANAL),
                 "bootstrap",
                 "--xds-address",
-                f"127.0.0.1:{xds_port}",
+                f"{xds_host}:{xds_port}",
                 "--node-id",
                 node_id,
                 "--group",
@@ -274,7 +303,8 @@ class Envoy(Process):
         ).stdout
         path = workdir / f"envoy-{node_id}.yaml"
         path.write_text(config)
-        super().__init__(envoy_command(ENVOY, path, base_id=self.admin_port), workdir / f"envoy-{node_id}.log")
+        command = [*prefix, *envoy_command(ENVOY, path, base_id=self.admin_port)]
+        super().__init__(command, workdir / f"envoy-{node_id}.log")
 
     def admin(self, path: str) -> str:
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=3)

@@ -10,19 +10,27 @@ gateways in the time Envoy needs, not a quiet period later. Events that follow a
 period are a burst: they are folded until ``--quiet-period`` passes with no new event, never longer than
 ``--max-delay``, so a storm of edits costs at most one recomputation per quiet period, not one per event. The
 publisher then pushes at once (its own quiet period is zero here: the wait already happened).
+
+Pods are watched only where translation reads them (`Translator.pod_namespaces`): the namespaces of
+InternalGateways (gateway pods) and of Services with subset clusters (subset membership is a Pod label), one
+informer per namespace, started and stopped as that set changes after a translation. A translation that needs a
+namespace not watched before is not published until that namespace's Pods are listed and translated (bounded by
+``pod_sync_timeout``), so no state goes out whose subset endpoints are empty only because the list had not
+arrived. A stopped informer's Pods are deleted from the snapshot: nothing reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import logging
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +42,21 @@ from canal.model.base import ObjectRef, Rejection
 from canal.serving import Serving, ServingOptions
 from canal.snapshot import Parsed, parse_object, ref_of
 from canal.translate import Translator
+from canal.translate.engine import pod_namespace_bound
 from canal.xds.types import NODE_AGENT_GROUP
 
 log = logging.getLogger(__name__)
 
 ISTIO_GROUP = "networking.istio.io"
 _DROP_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+_SYNC_TIMEOUT = 60.0  # the first lists (and the first translation's Pods): serve nothing partial before that
+_POD_ROUNDS = 4  # translations of newly listed Pods before a state is published anyway (changes kept coming)
+_RETIRE_JOIN = 30.0  # a stopped informer returns within a second: its open request is cut
+# Pod informers' own connection pool: one watch per namespace, as many as translation needs, would overflow a pool
+# sized for a watch per kind, and urllib3 then discards (and logs) a connection after every request. Connections
+# are opened as needed; this only bounds how many are kept.
+_POD_POOL = 1024
+_BOUND_KINDS = frozenset({"InternalGateway", "DestinationRule"})  # what pod_namespace_bound reads; few, listed fast
 
 
 @dataclass
@@ -65,6 +82,8 @@ class ControllerOptions:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
+    # how long a translation that needs Pods of a namespace not watched before waits for their list
+    pod_sync_timeout: float = 15.0
 
 
 def slim(obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -85,12 +104,32 @@ def slim(obj: dict[str, Any]) -> dict[str, Any] | None:
     return obj
 
 
+class PodInformer(informers.Informer):
+    """The Pod informer of one namespace; what it delivered is what must be forgotten once it stops."""
+
+    def delivered(self) -> list[str]:
+        """The names of the Pods delivered and not deleted since (the informer's own relist record)."""
+        return [key.rpartition("/")[2] for key in list(self._known)]
+
+
+@dataclass
+class _PodWatch:
+    informer: PodInformer
+    stop: threading.Event
+    thread: threading.Thread
+
+
 class KubeSource:
-    """Informer events -> the latest change per object, waiting to be translated."""
+    """Informer events -> the latest change per object, waiting to be translated.
+
+    Every kind but Pod is watched from the start (cluster-wide, or in each of `namespaces`). Pods are watched per
+    namespace, in the namespaces `watch_pods` is given: the translator's own answer to which Pods it reads."""
 
     def __init__(
         self, api: Any, namespaces: tuple[str, ...], resync: float, wake: Callable[[], None], registry: Any = None
     ) -> None:
+        from prometheus_client import Counter  # noqa: PLC0415 - with the informers' metrics, in the same registry
+
         self.api = api
         self.metrics = informers.InformerMetrics(registry)
         self.namespaces = namespaces
@@ -102,6 +141,17 @@ class KubeSource:
         self._threads: list[threading.Thread] = []
         self.informers: list[informers.Informer] = []
         self.istio_version = ""
+        self._pod_resource: informers.Resource | None = None
+        self._pod_api: Any = None
+        self._pods: dict[str, _PodWatch] = {}  # namespace -> its running Pod informer
+        self._retiring: dict[str, threading.Thread] = {}  # namespace -> the thread stopping its old informer
+        self._watching = threading.Lock()  # watch_pods (a worker thread) against stop (the event loop's)
+        self.pod_sync_timeouts = Counter(
+            "canal_controller_pod_sync_timeouts",
+            "Translations published before the Pods of a newly needed namespace were listed (the wait timed out)",
+            registry=self.metrics.registry,
+        )
+        self.metrics.registry.register(_PodInformerCollector(self))
 
     def resources(self) -> list[informers.Resource]:
         """Every kind at the version the API server serves; a missing CRD (InternalGateway, Istio's) is an error
@@ -113,6 +163,9 @@ class KubeSource:
 
     def start(self) -> None:
         for resource in self.resources():
+            if resource.kind == "Pod":
+                self._pod_resource = resource  # per namespace, once translation says which (watch_pods)
+                continue
             scopes: Iterable[str | None] = (
                 (None,) if not resource.namespaced or not self.namespaces else self.namespaces
             )
@@ -126,8 +179,6 @@ class KubeSource:
                         transform=slim,
                         resync=self.resync,
                         metrics=self.metrics,
-                        # Pods only matter once they have an address; the rest is churn (pending, scheduling)
-                        field_selector="status.phase=Running" if resource.kind == "Pod" else None,
                     )
                 )
         for inf in self.informers:
@@ -136,7 +187,115 @@ class KubeSource:
             self._threads.append(thread)
 
     def synced(self) -> bool:
-        return bool(self.informers) and all(i.synced.is_set() for i in self.informers)
+        with self._lock:
+            pods = [w.informer for w in self._pods.values()]
+        return bool(self.informers) and all(i.synced.is_set() for i in (*self.informers, *pods))
+
+    # -- Pods, per namespace
+
+    def pod_scope(self, needed: Iterable[str]) -> frozenset[str]:
+        """The namespaces to watch Pods in: those translation reads, within --namespace when that is given."""
+        wanted = frozenset(needed)
+        return wanted & frozenset(self.namespaces) if self.namespaces else wanted
+
+    @property
+    def pod_namespaces(self) -> frozenset[str]:
+        """The namespaces whose Pods are watched now."""
+        with self._lock:
+            return frozenset(self._pods)
+
+    def pod_bound(self) -> frozenset[str]:
+        """Before the first translation: the namespaces whose Pods it may read, from the InternalGateways and
+        DestinationRules listed so far (a superset; the translation itself says which exactly)."""
+        with self._lock:
+            objects = [
+                item.obj
+                for item in self._pending.values()
+                if isinstance(item, Parsed) and item.ref.kind in _BOUND_KINDS
+            ]
+        return pod_namespace_bound(objects)
+
+    def pod_informers(self) -> dict[str, PodInformer]:
+        with self._lock:
+            return {ns: w.informer for ns, w in sorted(self._pods.items())}
+
+    def watch_pods(self, namespaces: frozenset[str]) -> list[PodInformer]:
+        """Watch Pods in exactly `namespaces`: start an informer for each one not watched, stop those no longer
+        in it. Returns the started informers; the caller waits for their lists before publishing what needs them.
+        Blocking only when a namespace comes back while its old informer is still stopping: the old one's
+        deletions must be queued before the new one's list, or they would delete what it lists."""
+        with self._watching:
+            if self._pod_resource is None or self._stop.is_set():
+                return []
+            return self._watch_pods(namespaces)
+
+    def _watch_pods(self, namespaces: frozenset[str]) -> list[PodInformer]:
+        for namespace in sorted(self.pod_namespaces - namespaces):
+            self._retire(namespace)
+        started = []
+        for namespace in sorted(namespaces - self.pod_namespaces):
+            retiring = self._retiring.pop(namespace, None)
+            if retiring is not None:
+                retiring.join()
+            inf = PodInformer(
+                self._pods_api(),
+                self._pod_resource,
+                namespace,
+                self._on_events,
+                transform=slim,
+                resync=self.resync,
+                metrics=self.metrics,
+                # Pods only matter once they have an address; the rest is churn (pending, scheduling)
+                field_selector="status.phase=Running",
+            )
+            stop = threading.Event()
+            thread = threading.Thread(target=inf.run, args=(stop,), name=f"informer-{inf.name}", daemon=True)
+            with self._lock:
+                self._pods[namespace] = _PodWatch(inf, stop, thread)
+            thread.start()
+            started.append(inf)
+            log.info("watching Pods in namespace %s: translation reads them", namespace)
+        for namespace in [ns for ns, t in self._retiring.items() if not t.is_alive()]:
+            del self._retiring[namespace]
+        return started
+
+    def _pods_api(self) -> Any:
+        """The API client of the Pod informers: the controller's configuration, its own connection pool."""
+        if self._pod_api is None:
+            from kubernetes import client  # noqa: PLC0415
+
+            configuration = copy.copy(self.api.configuration)
+            configuration.connection_pool_maxsize = _POD_POOL
+            self._pod_api = client.ApiClient(configuration)
+        return self._pod_api
+
+    def _retire(self, namespace: str) -> None:
+        with self._lock:
+            watch = self._pods.pop(namespace)
+        watch.stop.set()
+        thread = threading.Thread(
+            target=self._forget_pods,
+            args=(namespace, watch),
+            name=f"informer-{watch.informer.name}-retire",
+            daemon=True,
+        )
+        self._retiring[namespace] = thread
+        thread.start()
+
+    def _forget_pods(self, namespace: str, watch: _PodWatch) -> None:
+        """Once a stopped Pod informer has returned, delete what it delivered: the snapshot keeps nothing that
+        no informer keeps current."""
+        watch.thread.join(_RETIRE_JOIN)
+        if watch.thread.is_alive():
+            log.error("%s did not stop within %.0f s; forgetting its Pods anyway", watch.informer.name, _RETIRE_JOIN)
+        gone = [ObjectRef("Pod", namespace, name) for name in watch.informer.delivered()]
+        log.info("stopped watching Pods in namespace %s: nothing reads them; %d forgotten", namespace, len(gone))
+        if gone:
+            with self._lock:
+                self._pending.update((ref, ref) for ref in gone)
+            self.wake()
+
+    # -- events
 
     def _on_events(self, events: list[informers.Event]) -> None:
         """Informer threads: parse here (off the event loop) and keep only the latest change per object."""
@@ -164,8 +323,40 @@ class KubeSource:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        for thread in self._threads:
+        with self._watching, self._lock:
+            pods = list(self._pods.values())
+        for watch in pods:
+            watch.stop.set()
+        for thread in [*self._threads, *(w.thread for w in pods), *self._retiring.values()]:
             thread.join(timeout)
+        if self._pod_api is not None:
+            self._pod_api.close()
+
+
+class _PodInformerCollector:
+    """Per-namespace Pod informer metrics, read at scrape time (informers come and go with the namespaces)."""
+
+    def __init__(self, source: KubeSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+        watched = self.source.pod_informers()
+        count = GaugeMetricFamily(
+            "canal_controller_pod_namespaces", "Namespaces whose Pods are watched (translation reads them)"
+        )
+        count.add_metric([], len(watched))
+        synced = GaugeMetricFamily(
+            "canal_controller_pod_informer_synced", "1 once the namespace's Pods were listed", labels=["namespace"]
+        )
+        pods = GaugeMetricFamily(
+            "canal_controller_pod_informer_pods", "Running Pods delivered from the namespace", labels=["namespace"]
+        )
+        for namespace, inf in watched.items():
+            synced.add_metric([namespace], 1.0 if inf.synced.is_set() else 0.0)
+            pods.add_metric([namespace], inf.count)
+        yield from (count, synced, pods)
 
 
 @dataclass
@@ -218,6 +409,7 @@ class Controller:
                 metrics=coredns.CorednsMetrics(self.serving.registry),
             )
         self.translations = 0
+        self._ready = False
         self._stop = asyncio.Event()
         self._status_due = asyncio.Event()
         self._dns_due = asyncio.Event()
@@ -262,7 +454,11 @@ class Controller:
     # ------------------------------------------------------------------------------------------ probes
 
     def ready(self) -> bool:
-        return self.source.synced() and self.translations > 0
+        """Listed and translated once; it stays so: Pods of a namespace needed later are not a reason to take a
+        serving replica out of its Service while they are listed."""
+        if not self._ready:
+            self._ready = self.source.synced() and self.translations > 0
+        return self._ready
 
     def status(self) -> dict[str, Any]:
         return {
@@ -271,6 +467,10 @@ class Controller:
                 "identity": self.options.identity,
                 "istioVersion": self.source.istio_version,
                 "synced": self.source.synced(),
+                "podNamespaces": {
+                    namespace: {"synced": inf.synced.is_set(), "pods": inf.count}
+                    for namespace, inf in self.source.pod_informers().items()
+                },
                 "translations": self.translations,
                 "statusWrites": self.status_writer.writes,
                 "events": self.events.sent,
@@ -298,10 +498,50 @@ class Controller:
             state = self.translator.apply(self.source.take())
             if state is previous and self.translations:
                 continue  # nothing the translator reads changed (a status write, a resync): not a translation
+            state = await self._follow_pods(_SYNC_TIMEOUT if not self.translations else self.options.pod_sync_timeout)
             self.translations += 1
             last_translation = time.monotonic()
             self.serving.submit(state)
             self._status_due.set()
+
+    async def _follow_pods(self, timeout: float) -> DesiredState:
+        """Watch Pods where the translated state reads them. A namespace needed for the first time is listed and
+        translated before anything is published (at most `timeout`), so the first state with a new subset
+        cluster already has its endpoints; one no longer needed is stopped, and its Pods are forgotten in a
+        later batch (nothing reads them meanwhile, so that changes no output)."""
+        for _ in range(_POD_ROUNDS):
+            wanted = self.source.pod_scope(self.translator.pod_namespaces())
+            if wanted == self.source.pod_namespaces:
+                return self.translator.desired
+            started = await asyncio.to_thread(self.source.watch_pods, wanted)
+            if not started:
+                return self.translator.desired
+            await self._await_listed(started, timeout)
+            self._wakeup.clear()  # what is taken now needs no wakeup; anything later sets it again
+            self.translator.apply(self.source.take())
+        wanted = self.source.pod_scope(self.translator.pod_namespaces())
+        if wanted != self.source.pod_namespaces:
+            missing = ", ".join(sorted(wanted - self.source.pod_namespaces)) or "-"
+            log.warning("Pods of %s: needs still changing after %d rounds; publishing first", missing, _POD_ROUNDS)
+            await asyncio.to_thread(self.source.watch_pods, wanted)  # their lists wake the loop when they arrive
+        return self.translator.desired
+
+    async def _await_listed(self, started: list[informers.Informer], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(i.synced.is_set() for i in started):
+            if time.monotonic() >= deadline or self._stop.is_set():
+                late = [i for i in started if not i.synced.is_set()]
+                errors = "; ".join(i.last_error for i in late if i.last_error) or "no error yet"
+                log.warning(
+                    "Pods in namespace(s) %s not listed within %.0f s (%s): publishing without them; their "
+                    "gateway pods and subset endpoints follow once the list arrives",
+                    ", ".join(str(i.namespace) for i in late),
+                    timeout,
+                    errors,
+                )
+                self.source.pod_sync_timeouts.inc()
+                return
+            await asyncio.sleep(0.005)
 
     async def _fold_burst(self, started: float) -> None:
         """Wait for a quiet period with no new events, at most max_delay after the burst's first event."""
@@ -452,7 +692,8 @@ class Controller:
         self.source.start()
         self._start_elector()
         self._wakeup.set()  # the first translation, even of an empty cluster, once the lists arrive
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + _SYNC_TIMEOUT
+        await self._prefetch_pods(deadline)
         while not self.source.synced() and time.monotonic() < deadline and not self._stop.is_set():
             await asyncio.sleep(0.05)  # serve only complete lists: never a partial state to the proxies
         tasks = [
@@ -470,6 +711,18 @@ class Controller:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.source.stop()
             await self.serving.close()
+
+    async def _prefetch_pods(self, deadline: float) -> None:
+        """List Pods alongside the other kinds rather than after the first translation: once the InternalGateways
+        and DestinationRules (few) are listed, watch Pods where they may be read. The first translation then has
+        them, and `_follow_pods` narrows the set to what it really reads."""
+        few = [i for i in self.source.informers if i.resource.kind in _BOUND_KINDS]
+        while not all(i.synced.is_set() for i in few):
+            if time.monotonic() >= deadline or self._stop.is_set():
+                return  # the first translation finds the namespaces itself
+            await asyncio.sleep(0.01)
+        bound = self.source.pod_scope(self.source.pod_bound())
+        await asyncio.to_thread(self.source.watch_pods, bound)
 
     async def _first_translation(self) -> None:
         while not self.translations and not self._stop.is_set():

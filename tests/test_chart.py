@@ -1205,3 +1205,29 @@ def test_values_file_is_what_the_chart_defaults_to():
     assert values["internalGateway"]["name"] == "canal", "the examples' InternalGateway: the gateways' xDS group"
     for key in values:
         assert key in json.loads((CHART / "values.schema.json").read_text())["properties"], key
+
+
+def _example(folder: str) -> list[dict[str, Any]]:
+    return [d for path in sorted((ROOT / "examples" / folder).glob("*.yaml")) for d in _documents(path.read_text())]
+
+
+def test_the_cluster_example_applies_next_to_the_chart_and_binds():
+    """What the README tells a user to apply: only objects a user creates (the cluster makes Pods and
+    EndpointSlices; the chart makes the gateway Service), the same Gateway and InternalGateway the chart's
+    createGateway would make, and the VirtualService binds to it once the chart's gateway Service is there."""
+    user = _example("cluster")
+    assert {o["kind"] for o in user} == {"Service", "Deployment", "Gateway", "InternalGateway", "VirtualService"}
+    assert (ROOT / "examples/cluster/30-virtualservice.yaml").read_bytes() == (
+        ROOT / "examples/helloworld/30-virtualservice.yaml"
+    ).read_bytes()
+    created = {(o["kind"], o["metadata"]["name"]): o for o in render({"createGateway": True}).objects}
+    for obj in user:
+        if obj["kind"] in ("Gateway", "InternalGateway"):
+            assert created[(obj["kind"], obj["metadata"]["name"])]["spec"] == obj["spec"], obj["kind"]
+    chart_service = copy.deepcopy(created[("Service", "canal-gateway")])
+    chart_service["spec"]["clusterIP"] = "10.96.0.50"  # what the API server would assign
+    helloworld = next(o for o in user if o["kind"] == "Service")
+    helloworld["spec"]["clusterIP"] = "10.96.120.15"
+    state = translate(Snapshot.from_dicts([*user, chart_service]))
+    assert not state.rejections()
+    assert "helloworld.default.svc.cluster.local" in state.dns

@@ -26,6 +26,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from canal.controller import Controller, ControllerOptions
 from canal.desired import RedirectKey
+from canal.model.base import ObjectRef
 from canal.serialize import canonical_json, render_state
 from tests.conftest import run_canal
 from tests.envoy_harness import Envoy, backends, free_port, request, wait_for
@@ -542,3 +543,317 @@ def test_a_nack_is_in_status_and_an_event(cluster: dict[str, Any]) -> None:
             if envoy is not None:
                 envoy.stop()
             running.stop()
+
+
+# ------------------------------------------------------------------------------------------------ Pods, per namespace
+
+SHOP_PODS = {"reviews-v1-pod": ("10.244.5.1", "v1"), "reviews-v2-pod": ("10.244.5.2", "v2")}
+
+
+def shop(port: int) -> list[dict[str, Any]]:
+    """Namespace shop: Service reviews (targetPort 9080) with two pods, versions v1 and v2. No DestinationRule or
+    VirtualService yet: nothing reads these Pods."""
+    pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": "reviews", "version": version}},
+            "spec": {"nodeName": "worker-1"},
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+        for name, (ip, version) in SHOP_PODS.items()
+    ]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "reviews", "namespace": "shop"},
+            "spec": {
+                "clusterIP": "10.96.130.7",
+                "clusterIPs": ["10.96.130.7"],
+                "selector": {"app": "reviews"},
+                "ports": [{"name": "http", "port": port, "targetPort": 9080, "protocol": "TCP"}],
+            },
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "reviews-q8v2x",
+                "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": "reviews"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 9080, "protocol": "TCP"}],
+            "endpoints": [
+                {
+                    "addresses": [ip],
+                    "conditions": {"ready": True, "serving": True, "terminating": False},
+                    "targetRef": {"kind": "Pod", "name": name, "namespace": "shop"},
+                }
+                for name, (ip, _) in SHOP_PODS.items()
+            ],
+        },
+        *pods,
+    ]
+
+
+def shop_rule() -> dict[str, Any]:
+    """reviews' DestinationRule: a subset per version."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "reviews", "namespace": "shop"},
+        "spec": {"host": "reviews", "subsets": [{"name": v, "labels": {"version": v}} for v in ("v1", "v2")]},
+    }
+
+
+def reviews_route(port: int, subsets: bool) -> dict[str, Any]:
+    dest = [{"destination": {"host": "reviews.shop.svc.cluster.local", "port": {"number": port}}}]
+    if subsets:
+        dest = [
+            {"destination": {**dest[0]["destination"], "subset": "v1"}, "weight": 90},
+            {"destination": {**dest[0]["destination"], "subset": "v2"}, "weight": 10},
+        ]
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "reviews", "namespace": "shop"},
+        "spec": {
+            "hosts": ["reviews.shop.svc.cluster.local"],
+            "gateways": ["istio-system/canal"],
+            "http": [{"route": dest}],
+        },
+    }
+
+
+def pod_requests(server: KubeApiServer) -> set[tuple[str, str]]:
+    """(verb, namespace) of every Pod list and watch the API server answered ("" namespace: cluster-wide)."""
+    return {(r.verb, r.namespace) for r in server.requests if r.kind == "Pod" and r.verb in ("list", "watch")}
+
+
+def subset_endpoints(state: Any, port: int) -> dict[str, list[str]] | None:
+    """Per subset of reviews, its endpoint addresses; None while the state has no subset cluster."""
+    config = state.envoy.get("istio-system/canal")
+    names = {v: f"outbound|{port}|{v}|reviews.shop.svc.cluster.local" for v in ("v1", "v2")}
+    if config is None or names["v1"] not in config.clusters:
+        return None
+    return {
+        v: [e.address for e in config.endpoints[n].endpoints] if n in config.endpoints else [] for v, n in names.items()
+    }
+
+
+class Submitted:
+    """Every state the controller hands to the publisher from now on, in order."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.states: list[Any] = []
+        submit = controller.serving.submit
+
+        def record(state: Any) -> None:
+            self.states.append(state)
+            submit(state)
+
+        controller.serving.submit = record  # type: ignore[method-assign]
+
+
+@pytest.mark.timeout(60)
+def test_pods_are_watched_only_where_translation_reads_them(cluster: dict[str, Any]) -> None:
+    """helloworld has no subsets: of its Pods only the gateway's (istio-system) are read, as redirect backends; the
+    application Pods in default and Pods of an unrelated namespace are never listed or watched."""
+    import urllib.request
+
+    server, port = cluster["server"], cluster["port"]
+    for ns, name in (("unrelated", "batch-job-1"), ("unrelated", "batch-job-2")):
+        server.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "labels": {"app": "batch"}},
+                "status": {
+                    "phase": "Running",
+                    "podIP": "10.244.7.1",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            }
+        )
+    running = Running(server.client(), controller_options())
+    controller = running.controller
+    try:
+        wait_for(controller.ready, what="the controller ready")
+        (rule,) = [
+            r for k, r in controller.serving.state.redirects.items() if k == RedirectKey(HELLO_CLUSTER_IP, "tcp", port)
+        ]
+        assert [b.address for b in rule.backends] == ["10.244.9.5"]  # the example's gateway pod
+        assert pod_requests(server) <= {("list", "istio-system"), ("watch", "istio-system")}
+        assert ("list", "istio-system") in pod_requests(server)
+        assert set(controller.translator.snapshot.objects["Pod"]) == {"istio-system"}
+        status = controller.status()["controller"]
+        assert status["podNamespaces"] == {"istio-system": {"synced": True, "pods": 1}}
+        metrics_port = int(controller.options.metrics_address.rsplit(":", 1)[1])
+
+        def scrape() -> str | None:
+            try:  # served once the first translation went out
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                    return response.read().decode()
+            except OSError:
+                return None
+
+        text = wait_for(scrape, what="/metrics")
+        assert 'canal_controller_pod_informer_synced{namespace="istio-system"} 1.0' in text
+        assert 'canal_controller_pod_informer_pods{namespace="istio-system"} 1.0' in text
+        assert "canal_controller_pod_namespaces 1.0" in text
+        # a gateway pod that stops being ready leaves the redirect backends: istio-system is really watched
+        server.modify(
+            "v1", "Pod", "canal-gateway-7d9f8b6c5-k2m4n", "istio-system",
+            lambda o: o["status"].update(conditions=[{"type": "Ready", "status": "False"}]),
+        )  # fmt: skip
+        wait_for(lambda: not controller.serving.state.redirects, what="no ready gateway pod: no redirects")
+    finally:
+        running.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_subset_in_a_new_namespace_is_published_with_its_endpoints_and_dropped_with_its_pods(
+    cluster: dict[str, Any],
+) -> None:
+    """A subset route for a Service in a namespace whose Pods were not watched: the informer starts, and the first
+    published state with the subset clusters already has their endpoints, even though the namespace's Pod list is
+    slow (its first two attempts fail). Removing the subsets stops the informer and the snapshot forgets the Pods;
+    bringing them back starts it again, with endpoints in the first state again."""
+    server, port = cluster["server"], cluster["port"]
+    for obj in shop(port):
+        server.create(obj)
+    running = Running(server.client(), controller_options())
+    controller = running.controller
+    try:
+        wait_for(controller.ready, what="the controller ready")
+        assert not any(ns == "shop" for _, ns in pod_requests(server))
+        submitted = Submitted(controller)
+        server.inject_failure(500, times=2, kind="Pod", namespace="shop", verb="list")
+        server.create(shop_rule())
+        server.create(reviews_route(port, subsets=True))
+        wait_for(lambda: subset_endpoints(controller.serving.state, port), what="the subset clusters published")
+        first = next(found for s in submitted.states if (found := subset_endpoints(s, port)) is not None)
+        assert first == {"v1": ["10.244.5.1"], "v2": ["10.244.5.2"]}  # each subset selects its own version's pod
+        assert [r.code for r in server.requests_of("list", kind="Pod") if r.namespace == "shop"][:3] == [500, 500, 200]
+        assert controller.status()["controller"]["podNamespaces"]["shop"] == {"synced": True, "pods": 2}
+        assert controller.serving.registry.get_sample_value("canal_controller_pod_sync_timeouts_total") == 0
+
+        # a relabelled pod moves to the other subset: the namespace's Pod changes still reach the endpoints
+        server.modify("v1", "Pod", "reviews-v2-pod", "shop", lambda o: o["metadata"]["labels"].update(version="v1"))
+        wait_for(
+            lambda: subset_endpoints(controller.serving.state, port) == {"v1": ["10.244.5.1", "10.244.5.2"], "v2": []},
+            what="the relabelled pod in subset v1",
+        )
+
+        # no subset any more: nothing reads shop's Pods; its informer stops and the snapshot forgets them
+        server.modify("networking.istio.io/v1", "VirtualService", "reviews", "shop",
+                      lambda o: o.update(spec=reviews_route(port, subsets=False)["spec"]))  # fmt: skip
+        wait_for(lambda: controller.source.pod_namespaces == {"istio-system"}, what="the shop Pod informer stopped")
+        wait_for(lambda: not controller.translator.snapshot.in_namespace("Pod", "shop"), what="shop's Pods forgotten")
+        wait_for(lambda: server.open_watches("Pod") == 1, what="only istio-system's Pod watch open")
+        assert "shop" not in controller.status()["controller"]["podNamespaces"]
+        config = controller.serving.state.envoy["istio-system/canal"]
+        plain = f"outbound|{port}||reviews.shop.svc.cluster.local"
+        assert [e.address for e in config.endpoints[plain].endpoints] == ["10.244.5.1", "10.244.5.2"]  # slices alone
+
+        # the subsets come back: watched again, and again the first state with them has their endpoints
+        submitted.states.clear()
+        server.modify("networking.istio.io/v1", "VirtualService", "reviews", "shop",
+                      lambda o: o.update(spec=reviews_route(port, subsets=True)["spec"]))  # fmt: skip
+        wait_for(lambda: subset_endpoints(controller.serving.state, port), what="the subset clusters back")
+        first = next(found for s in submitted.states if (found := subset_endpoints(s, port)) is not None)
+        assert first == {"v1": ["10.244.5.1", "10.244.5.2"], "v2": []}
+    finally:
+        running.stop()
+
+
+@pytest.mark.timeout(60)
+def test_pods_are_listed_with_the_first_lists_where_rules_may_need_them_then_narrowed(cluster: dict[str, Any]) -> None:
+    """At start, before anything is translated, Pods are listed wherever an InternalGateway or a DestinationRule with
+    subsets may need them, alongside the other lists; the first translation then says what it really reads. Here
+    reviews' subsets are used by no route: shop's Pods are listed once, then no longer watched and forgotten."""
+    server, port = cluster["server"], cluster["port"]
+    for obj in (*shop(port), shop_rule(), reviews_route(port, subsets=False)):
+        server.create(obj)
+    running = Running(server.client(), controller_options())
+    controller = running.controller
+    try:
+        wait_for(controller.ready, what="the controller ready")
+        assert ("list", "shop") in pod_requests(server)
+        wait_for(lambda: controller.source.pod_namespaces == {"istio-system"}, what="shop's Pod informer stopped")
+        wait_for(lambda: not controller.translator.snapshot.in_namespace("Pod", "shop"), what="shop's Pods forgotten")
+        plain = f"outbound|{port}||reviews.shop.svc.cluster.local"
+        endpoints = controller.serving.state.envoy["istio-system/canal"].endpoints[plain].endpoints
+        assert [e.address for e in endpoints] == ["10.244.5.1", "10.244.5.2"]
+    finally:
+        running.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_pod_list_holds_publishing_only_for_the_timeout(cluster: dict[str, Any], caplog) -> None:
+    """The wait for a new namespace's Pods is bounded: past pod_sync_timeout the state goes out without them (a
+    warning says so, a counter counts it), and the endpoints follow once the list arrives."""
+    server, port = cluster["server"], cluster["port"]
+    for obj in shop(port):
+        server.create(obj)
+    running = Running(server.client(), controller_options(pod_sync_timeout=0.3))
+    controller = running.controller
+    try:
+        wait_for(controller.ready, what="the controller ready")
+        server.inject_failure(500, times=3, kind="Pod", namespace="shop", verb="list")  # ~1.75-3.5 s of backoff
+        server.create(shop_rule())
+        server.create(reviews_route(port, subsets=True))
+        wait_for(lambda: subset_endpoints(controller.serving.state, port), timeout=3, what="published without Pods")
+        assert subset_endpoints(controller.serving.state, port) == {"v1": [], "v2": []}
+        assert controller.serving.registry.get_sample_value("canal_controller_pod_sync_timeouts_total") == 1
+        assert any("Pods in namespace(s) shop not listed within" in r.getMessage() for r in caplog.records)
+        wait_for(
+            lambda: subset_endpoints(controller.serving.state, port) == {"v1": ["10.244.5.1"], "v2": ["10.244.5.2"]},
+            what="the endpoints once the list arrived",
+        )
+    finally:
+        running.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_namespace_needed_again_while_its_informer_stops_keeps_its_pods(cluster: dict[str, Any]) -> None:
+    """Stop and restart at once: the old informer's deletions are queued before the new one's list, so the Pods
+    end up present (a deletion queued after the list would make the snapshot lose them)."""
+    from canal.controller import KubeSource
+
+    server = cluster["server"]
+    for obj in shop(cluster["port"]):
+        server.create(obj)
+    api = server.client()
+    source = KubeSource(api, (), 0.0, lambda: None)
+    forget = source._forget_pods
+
+    def slow_forget(*args: Any) -> None:
+        time.sleep(0.5)  # an informer slow to stop: its deletions are late
+        forget(*args)
+
+    source._forget_pods = slow_forget  # type: ignore[method-assign]
+    source.start()
+    try:
+        (first,) = source.watch_pods(frozenset({"shop"}))
+        wait_for(first.synced.is_set, what="shop's Pods listed")
+        assert {i.ref.name for i in source.take()} >= set(SHOP_PODS)
+        assert source.watch_pods(frozenset()) == [] and source.pod_namespaces == frozenset()
+        (second,) = source.watch_pods(frozenset({"shop"}))
+        wait_for(second.synced.is_set, what="shop's Pods listed again")
+        retiring = [t for t in threading.enumerate() if t.name.endswith("-retire")]
+        wait_for(lambda: not any(t.is_alive() for t in retiring), what="the old informer's Pods forgotten")
+        refs = {(i if isinstance(i, ObjectRef) else i.ref): i for i in source.take()}
+        pods = {ref.name: item for ref, item in refs.items() if ref.kind == "Pod"}
+        assert set(pods) == set(SHOP_PODS)
+        assert all(not isinstance(i, ObjectRef) for i in pods.values()), "a deletion came after the new list"
+    finally:
+        source.stop()
+        api.close()

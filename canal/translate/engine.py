@@ -248,6 +248,21 @@ def _dr_target(rule: DestinationRule) -> tuple[SvcKey, str | None] | None:
     return None
 
 
+def pod_namespace_bound(objects: Iterable[Any]) -> frozenset[str]:
+    """A superset of `Translator.pod_namespaces` for a state holding these objects, known before translating them:
+    every InternalGateway's namespace and the namespace of every Service a DestinationRule with subsets names. A
+    source can start listing those Pods while the rest is still being listed."""
+    found: set[str] = set()
+    for obj in objects:
+        if isinstance(obj, InternalGateway):
+            found.add(obj.meta.namespace)
+        elif isinstance(obj, DestinationRule) and obj.subsets and not obj.has_workload_selector:
+            target = _dr_target(obj)
+            if target is not None:
+                found.add(target[0][0])
+    return frozenset(found)
+
+
 class Translator:
     """Incremental translation. `apply` takes parsed objects (upserts) and refs (deletes), returns the state."""
 
@@ -263,6 +278,9 @@ class Translator:
         self._dr_targets: dict[SvcKey, set[ObjectRef]] = defaultdict(set)
         self._slices_by_service: dict[SvcKey, set[str]] = defaultdict(set)
         self._pod_services: dict[SvcKey, dict[SvcKey, int]] = defaultdict(lambda: defaultdict(int))
+        # Built subset clusters (over every gateway) per Service and per namespace: only their endpoints read Pods.
+        self._subset_services: dict[SvcKey, int] = {}
+        self._subset_namespaces: dict[str, int] = {}
         self._name_owner: dict[str, str] = {}  # FQDN -> InternalGateway owning DNS and redirects
         self._redirects_of: dict[str, tuple[RedirectKey, ...]] = {}
         self._envoy = Table()  # InternalGateway key -> EnvoyConfig
@@ -318,6 +336,13 @@ class Translator:
         self._refresh_status(dirty)
         self.desired = self._publish()
         return self.desired
+
+    def pod_namespaces(self) -> frozenset[str]:
+        """The namespaces whose Pods this state reads; a Pod anywhere else changes nothing, so a source need not
+        watch it. Every InternalGateway's namespace (its gateway pods are the redirect backends) and every
+        namespace of a Service with a subset cluster (subset membership is a Pod label; other clusters take their
+        addresses from EndpointSlices alone). O(gateways + those namespaces): it is asked after every batch."""
+        return frozenset(view.ig.meta.namespace for view in self._views.values()).union(self._subset_namespaces)
 
     def destination_rule(self, service: Service, scope: GatewayScope) -> DestinationRule | None:
         """Istio's lookup order for a gateway: its own namespace, then the Service's, then any; oldest first."""
@@ -389,7 +414,9 @@ class Translator:
                             del counts[svc]
             return False
         if kind == "Pod":
-            dirty.services_endpoints.update(self._pod_services.get(key, {}))
+            # Only subset endpoints read a Pod (its labels): a Service without a subset cluster has nothing to redo.
+            subsets = self._subset_services
+            dirty.services_endpoints.update(s for s in self._pod_services.get(key, ()) if s in subsets)
             return any(v.ig.meta.namespace == ref.namespace for v in self._views.values())
         # InternalGateway, Gateway, Namespace: few objects, handled wholesale.
         return kind in ("InternalGateway", "Gateway", "Namespace")
@@ -457,6 +484,10 @@ class Translator:
         dirty.status.update(state.outcomes)
         for ref in state.contribs:
             self._forget_reads((key, ref))
+        scope = state.view.scope
+        if scope is not None:
+            for name in state.clusters.data:
+                self._count_subset(name, scope.domain, -1)
         del self._states[key]
         self._envoy.pop(key)  # republished from the new state (or removed) at the end of the batch
 
@@ -1177,6 +1208,8 @@ class Translator:
         parts = split_service_fqdn(fqdn, scope.domain) if scope is not None else None
         service = self.snapshot.get("Service", *parts) if parts is not None else None
         if name not in state.cluster_refs or service is None or scope is None or parts is None:
+            if subset and scope is not None and name in state.clusters:
+                self._count_subset(name, scope.domain, -1)
             state.clusters.pop(name, None)
             state.endpoints.pop(name, None)
             if parts is not None and parts in state.clusters_by_service:
@@ -1187,6 +1220,8 @@ class Translator:
         port = int(port_text)
         rule = self.destination_rule(service, scope)
         if referenced_changed or parts in dirty.services_clusters or name not in state.clusters:
+            if subset and name not in state.clusters:
+                self._count_subset(name, scope.domain, 1)
             state.clusters[name] = build_cluster(service, fqdn, port, subset, rule)
         labels = None
         if subset:
@@ -1203,6 +1238,20 @@ class Translator:
 
     def _pod(self, namespace: str, name: str) -> Pod | None:
         return self.snapshot.get("Pod", namespace, name)
+
+    def _count_subset(self, name: str, domain: str, delta: int) -> None:
+        """Count a subset cluster in (or out of) `_subset_services` and `_subset_namespaces`: called exactly when
+        one is built for a gateway, or dropped; a cluster without a subset is not counted."""
+        _, _, subset, fqdn = name.split("|", 3)
+        parts = split_service_fqdn(fqdn, domain) if subset else None
+        if parts is None:
+            return
+        for counts, key in ((self._subset_services, parts), (self._subset_namespaces, parts[0])):
+            left = counts.get(key, 0) + delta
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
 
     # ================================================================================ listeners
 
@@ -1541,4 +1590,4 @@ def _accepted(rejections: list[Rejection], bound: bool) -> Condition:
     return Condition("Accepted", "False", "PartiallyInvalid" if bound else "Invalid", message)
 
 
-__all__ = ["Translator", "snapshot_items", "translate"]
+__all__ = ["Translator", "pod_namespace_bound", "snapshot_items", "translate"]

@@ -235,9 +235,11 @@ dynamic_resources:
   lds_config:
     ads: {}
     resource_api_version: V3
+    initial_fetch_timeout: 0s
   cds_config:
     ads: {}
     resource_api_version: V3
+    initial_fetch_timeout: 0s
 static_resources:
   clusters:
   - name: canal-xds

@@ -86,8 +86,16 @@ def test_bootstrap_names_the_node_its_group_and_the_protocol(tmp_path, delta):
     (service,) = ads["grpc_services"]
     xds_cluster = service["envoy_grpc"]["cluster_name"]
     # LDS and CDS come over that ADS stream (RDS and EDS follow from the listeners and clusters)
-    assert config["dynamic_resources"]["lds_config"] == {"ads": {}, "resource_api_version": "V3"}
-    assert config["dynamic_resources"]["cds_config"] == {"ads": {}, "resource_api_version": "V3"}
+    assert config["dynamic_resources"]["lds_config"] == {
+        "ads": {},
+        "resource_api_version": "V3",
+        "initial_fetch_timeout": "0s",
+    }
+    assert config["dynamic_resources"]["cds_config"] == {
+        "ads": {},
+        "resource_api_version": "V3",
+        "initial_fetch_timeout": "0s",
+    }
     (static,) = config["static_resources"]["clusters"]
     assert static["name"] == xds_cluster and static["type"] == "STATIC"
     (locality,) = static["load_assignment"]["endpoints"]

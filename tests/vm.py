@@ -60,7 +60,11 @@ $B mount -t virtiofs -o ro hostroot /mnt || fail "mount virtiofs hostroot"
 $B mount -t proc proc /mnt/proc && $B mount -t sysfs sysfs /mnt/sys && $B mount -t devtmpfs devtmpfs /mnt/dev \\
   || fail "mount proc/sys/dev"
 $B mount -t devpts devpts /mnt/dev/pts; $B mount -t tmpfs tmpfs /mnt/dev/shm
+# A working directory under /tmp, /run or /var/tmp (a checkout there) would vanish under the fresh tmpfs: keep it.
+keep=$($B cat /canal/keep 2>/dev/null)
+if [ -n "$keep" ]; then $B mkdir -p /keep && $B mount -o bind "/mnt$keep" /keep || fail "bind $keep"; fi
 for d in /tmp /run /var/tmp; do $B mount -t tmpfs -o mode=1777 tmpfs "/mnt$d" || fail "mount tmpfs $d"; done
+if [ -n "$keep" ]; then $B mkdir -p "/mnt$keep" && $B mount -o move /keep "/mnt$keep" || fail "move $keep"; fi
 $B mkdir -p /mnt/tmp/canal-vm && $B cp /canal/run.sh /canal/stage2.sh /mnt/tmp/canal-vm/ || fail "copy scripts"
 # switch_root, not chroot: the kernel's module autoloading (request_module) runs modprobe in PID 1's root.
 exec $B switch_root /mnt /bin/sh /tmp/canal-vm/stage2.sh
@@ -310,7 +314,11 @@ def run(
         work = Path(tmp)
         initrd = work / "initrd.cpio"
         # The kernel unpacks concatenated archives in order: the cached base, then this run's script.
-        initrd.write_bytes(base.read_bytes() + cpio({"canal/run.sh": (0o100755, script.encode())}))
+        files = {"canal/run.sh": (0o100755, script.encode())}
+        workdir = Path(cwd or os.getcwd()).resolve()
+        if workdir.parts[1:2] in (("tmp",), ("run",)) or workdir.parts[1:3] == ("var", "tmp"):
+            files["canal/keep"] = (0o100644, str(workdir).encode())
+        initrd.write_bytes(base.read_bytes() + cpio(files))
         socket_path = work / "virtiofs.sock"
         daemon: subprocess.Popen[bytes] | None = None
         qemu: subprocess.Popen[bytes] | None = None

@@ -134,6 +134,15 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+_DNS_FORWARD = click.option(
+    "--dns-forward/--no-dns-forward",
+    default=True,
+    show_default=True,
+    help="Forward names Canal does not own to the upstream resolvers (default: /etc/resolv.conf's), or answer them "
+    "REFUSED.",
+)
+
+
 @cli.command()
 @_FILES
 @click.option(
@@ -184,12 +193,7 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     metavar="HOST[:PORT]",
     help="Where other names are forwarded. Repeatable; default: the nameservers of /etc/resolv.conf.",
 )
-@click.option(
-    "--dns-forward/--no-dns-forward",
-    default=True,
-    show_default=True,
-    help="Forward names Canal does not own, or answer them REFUSED.",
-)
+@_DNS_FORWARD
 def run(
     paths: tuple[str, ...],
     xds_address: str,
@@ -290,12 +294,7 @@ _PORT = click.IntRange(1, 65535)
     show_default=True,
     help="Seconds between checks of the files for changes.",
 )
-@click.option(
-    "--dns-forward/--no-dns-forward",
-    default=True,
-    show_default=True,
-    help="Forward names Canal does not own to /etc/resolv.conf's servers, or answer them REFUSED.",
-)
+@_DNS_FORWARD
 def demo(
     paths: tuple[str, ...],
     xds_port: int,

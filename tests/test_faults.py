@@ -708,6 +708,21 @@ def dns_gateway(gateways: Callable[..., Gateway]) -> tuple[Gateway, int]:
     return gw, dns_port
 
 
+def restart_plane(gw: Gateway, timeline: Timeline, stopped: str) -> ControlPlane:
+    """SIGTERM the gateway's `canal run` (mark `stopped` once it exited), start a new one on the same ports, wait
+    until Envoy converged on it, then a further PHASE of load; returns the new control plane."""
+    timeline.mark("stop")
+    gw.plane.stop(signal.SIGTERM)
+    timeline.mark(stopped)
+    plane = gw.start_plane()
+    timeline.mark("ready")
+    wait_for(lambda: settled(plane), timeout=30, what="Envoy back on the new process")
+    timeline.mark("converged")
+    time.sleep(PHASE)
+    timeline.mark("end")
+    return plane
+
+
 def dns_answers(metrics: str) -> float:
     return metric(metrics, "canal_dns_queries_total", transport="udp", type="A", rcode="NOERROR")
 
@@ -731,15 +746,7 @@ def test_dns_server_restart_is_bridged_by_the_clients_retries(gateways: Callable
     with loaded(traffic, timeline):
         time.sleep(PHASE)
         old = gw.plane.metrics()
-        timeline.mark("stop")
-        gw.plane.stop(signal.SIGTERM)
-        timeline.mark("stopped")
-        plane = gw.start_plane()
-        timeline.mark("ready")
-        wait_for(lambda: settled(plane), timeout=30, what="Envoy back on the new process")
-        timeline.mark("converged")
-        time.sleep(PHASE)
-        timeline.mark("end")
+        plane = restart_plane(gw, timeline, "stopped")
         report = traffic.stop()
     line = assert_clean(
         report, timeline, [("no DNS server", "stop", "ready"), ("after", "ready", "end")], "dns-restart"
@@ -774,15 +781,7 @@ def test_dns_server_answers_until_canal_run_exits(gateways: Callable[..., Gatewa
     timeline = Timeline()
     with loaded(traffic, timeline):
         time.sleep(PHASE)
-        timeline.mark("stop")
-        gw.plane.stop(signal.SIGTERM)
-        timeline.mark("exited")
-        plane = gw.start_plane()
-        timeline.mark("ready")
-        wait_for(lambda: settled(plane), timeout=30, what="Envoy back on the new process")
-        timeline.mark("converged")
-        time.sleep(PHASE)
-        timeline.mark("end")
+        restart_plane(gw, timeline, "exited")
         report = traffic.stop()
     failed = report.failures
     # The DNS server closes last, after xDS's grace for open streams; what remains is the interpreter's own

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -60,3 +61,14 @@ def scratch_nft() -> Iterator[tuple[str, ...]]:
         yield ("ip", "netns", "exec", name, "nft")
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A CI runner (or a user) stopping the run with SIGTERM gets the same clean stop as Ctrl-C: fixtures tear
+    down, so the Envoys, control planes, namespaces and kernel tables they started do not outlive the run."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, interrupt)

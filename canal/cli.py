@@ -134,6 +134,14 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+_DRAIN_GRACE = click.option(
+    "--drain-grace",
+    type=click.FloatRange(0, 3600),
+    default=5.0,
+    show_default=True,
+    help="Seconds a gateway keeps serving a Service after its DNS answers and redirects are withdrawn, beyond the "
+    "records' TTL (raise it for clients that cache longer than the TTL, e.g. the JVM's 30 s).",
+)
 _DNS_FORWARD = click.option(
     "--dns-forward/--no-dns-forward",
     default=True,
@@ -194,6 +202,7 @@ _DNS_FORWARD = click.option(
     help="Where other names are forwarded. Repeatable; default: the nameservers of /etc/resolv.conf.",
 )
 @_DNS_FORWARD
+@_DRAIN_GRACE
 def run(
     paths: tuple[str, ...],
     xds_address: str,
@@ -204,6 +213,7 @@ def run(
     dns_address: str | None,
     dns_upstreams: tuple[str, ...],
     dns_forward: bool,
+    drain_grace: float,
 ) -> None:
     """Serve the desired state of the objects in PATH over xDS, and follow edits to the files.
 
@@ -231,6 +241,7 @@ def run(
         dns_address=dns_address,
         dns_upstreams=upstreams,
         dns_forward=dns_forward,
+        drain_grace=drain_grace,
     )
     try:
         asyncio.run(serve(options))
@@ -561,6 +572,7 @@ def _namespaced_name(value: str, param: str) -> tuple[str, str]:
     show_default=True,
     help="Longest a change waits for a burst to end (seconds).",
 )
+@_DRAIN_GRACE
 @click.option("--resync", type=click.FloatRange(10, 86400), default=300.0, show_default=True, help="Seconds.")
 @click.option(
     "--coredns/--no-coredns",
@@ -593,6 +605,7 @@ def controller(
     metrics_address: str,
     quiet_period: float,
     max_delay: float,
+    drain_grace: float,
     resync: float,
     manage_coredns: bool,
     cluster_domain: str,
@@ -620,6 +633,7 @@ def controller(
         metrics_address=metrics_address,
         quiet=quiet_period,
         max_delay=max_delay,
+        drain_grace=drain_grace,
         resync=resync,
         dns_address=dns_address,
         coredns=_configmap_ref(configmap, key) if manage_coredns else None,

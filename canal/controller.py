@@ -43,6 +43,7 @@ from canal.serving import Serving, ServingOptions
 from canal.snapshot import Parsed, parse_object, ref_of
 from canal.translate import Translator
 from canal.translate.engine import pod_namespace_bound
+from canal.xds.publisher import DEFAULT_DRAIN_GRACE
 from canal.xds.types import NODE_AGENT_GROUP
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class ControllerOptions:
     metrics_address: str = "0.0.0.0:15014"
     quiet: float = 0.1
     max_delay: float = 1.0
+    drain_grace: float = DEFAULT_DRAIN_GRACE  # withdrawn clients' routes stay this long beyond the DNS TTL
     resync: float = 300.0
     status_interval: float = 1.0
     # DNS: Canal's own server (dns.mode: server), and the CoreDNS ConfigMap (dns.mode: coredns; None: not managed)
@@ -383,6 +385,7 @@ class Controller:
                 options.dns_address,
                 options.dns_upstreams,
                 options.dns_forward,
+                options.drain_grace,
             ),
             ready=self.ready,
             status=self.status,

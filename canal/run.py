@@ -23,7 +23,7 @@ from canal.model.base import ObjectRef
 from canal.serving import Serving, ServingOptions
 from canal.snapshot import Parsed, parse_object, ref_of
 from canal.translate import Translator
-from canal.xds.publisher import DEFAULT_MAX_DELAY, DEFAULT_QUIET
+from canal.xds.publisher import DEFAULT_DRAIN_GRACE, DEFAULT_MAX_DELAY, DEFAULT_QUIET
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class RunOptions:
     dns_address: str | None = None  # None: no DNS server
     dns_upstreams: list[tuple[str, int]] | None = None  # None: the machine's resolvers (/etc/resolv.conf)
     dns_forward: bool = True
+    drain_grace: float = DEFAULT_DRAIN_GRACE
 
 
 class ControlPlane:
@@ -117,6 +118,7 @@ class ControlPlane:
                 options.dns_address,
                 options.dns_upstreams,
                 options.dns_forward,
+                options.drain_grace,
             )
         )
         self.translator = Translator()

@@ -87,3 +87,16 @@ def test_stdin_input(helloworld_dir):
     result = run_canal("render", "-f", "-", "--only", "redirects", stdin=text)
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["redirects"][0]["service"] == "default/helloworld"
+
+
+def test_drain_grace_reaches_the_publisher():
+    """--drain-grace is how long withdrawn Services stay routed beyond their TTL: the flag, the options, the
+    publisher that applies it."""
+    from canal.cli import cli as group
+    from canal.run import ControlPlane, RunOptions
+
+    for command, args in (("run", ["-f", "examples/helloworld"]), ("controller", [])):
+        ctx = group.commands[command].make_context(command, [*args, "--drain-grace", "30"])
+        assert ctx.params["drain_grace"] == 30.0
+    plane = ControlPlane(RunOptions(["examples/helloworld"], "127.0.0.1:0", "127.0.0.1:0", drain_grace=30.0))
+    assert plane.serving.publisher.drain_grace == 30.0

@@ -488,9 +488,11 @@ class BackendPool:
     """The sample backends, on 127.0.0.1 with ports picked by the kernel; started and stopped as the files
     change. Threads of this process, so nothing outlives the demo."""
 
-    def __init__(self, host: str = DEMO_ADDRESS, limit: int = MAX_BACKENDS) -> None:
+    def __init__(self, host: str = DEMO_ADDRESS, limit: int = MAX_BACKENDS, reserved: Iterable[int] = ()) -> None:
         self.host = host
         self.limit = limit
+        # the demo's own ports, checked free but bound only later: a kernel-picked backend port must not take one
+        self.reserved = set(reserved)
         self._servers: dict[BackendKey, _BackendServer] = {}
 
     @property
@@ -509,7 +511,7 @@ class BackendPool:
             if server is not None:
                 server.spec = spec  # a relabelled Pod: same backend, new answer
                 continue
-            server = _BackendServer((self.host, 0), _BackendHandler)
+            server = self._bind()
             server.spec = spec
             threading.Thread(
                 target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"backend {spec.label}", daemon=True
@@ -517,6 +519,18 @@ class BackendPool:
             self._servers[key] = server
             started.append(spec)
         return started, stopped
+
+    def _bind(self) -> _BackendServer:
+        held = []
+        try:
+            while True:
+                server = _BackendServer((self.host, 0), _BackendHandler)
+                if server.server_address[1] not in self.reserved:
+                    return server
+                held.append(server)  # keep it bound while asking again, so the kernel picks another
+        finally:
+            for server in held:
+                server.server_close()
 
     @staticmethod
     def _stop(server: _BackendServer, *, wait: bool) -> None:
@@ -738,7 +752,8 @@ class Demo:
         self.options = options
         self.echo = echo
         self.stop_requested = asyncio.Event()
-        self.pool = BackendPool()
+        ports = (options.xds_port, options.dns_port, options.admin_port, options.metrics_port)
+        self.pool = BackendPool(reserved=ports)
         self.source = DemoSource(list(options.paths), self.pool, options.gateway)
         self.plane = DemoPlane(
             ServingOptions(
@@ -811,6 +826,7 @@ class Demo:
             for port in gateway_ports
         ]
         self._check_offset(group)
+        self.pool.reserved.update(gateway_ports)
         check_distinct(own + listeners)
         for use in listeners:
             check_free(use)

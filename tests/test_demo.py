@@ -527,3 +527,25 @@ def test_missing_envoy_and_files_are_clear_errors(tmp_path, demo_dir):
     ]
     result = _run_demo("-f", str(tmp_path / "empty"), "--envoy", "/bin/true", *ports, cwd=tmp_path)
     assert result.returncode == 1 and "no InternalGateway" in result.stderr
+
+
+def test_a_backend_never_takes_a_port_the_demo_reserved(monkeypatch):
+    """The demo checks its xDS, DNS, admin and metrics ports free, but binds them after the backends start on
+    kernel-picked ports: a backend the kernel happened to give one of them (seen in CI) is rebound elsewhere."""
+    import canal.demo as demo_module
+
+    picks = iter([18000, 15353, 40001])
+    closed: list[int] = []
+
+    class FakeServer:
+        def __init__(self, address: tuple[str, int], handler: object) -> None:
+            self.server_address = (address[0], next(picks))
+
+        def server_close(self) -> None:
+            closed.append(self.server_address[1])
+
+    monkeypatch.setattr(demo_module, "_BackendServer", FakeServer)
+    pool = demo_module.BackendPool(reserved=(18000, 15353))
+    server = pool._bind()
+    assert server.server_address[1] == 40001
+    assert closed == [18000, 15353]  # held while asking again, then released for the demo to bind

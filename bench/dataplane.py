@@ -63,7 +63,6 @@ import resource
 import select
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -87,6 +86,9 @@ from canal.xds.static import static_bootstrap  # noqa: E402
 
 from canal.snapshot import Snapshot  # noqa: E402
 from canal.translate import translate  # noqa: E402
+
+sys.path.insert(0, str(ROOT))  # tests/ is not installed: import it from the checkout
+from tests.envoy_harness import free_port, request, wait_for  # noqa: E402
 
 ENVOY = envoy_binary() or Path(sys.executable).parent / "envoy"
 CANAL = Path(sys.executable).parent / "canal"
@@ -319,37 +321,6 @@ def log(message: str) -> None:
     print(f"# {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    """A free port on every address: Canal's gateway listener binds 0.0.0.0."""
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str, host: str = "localhost", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Host": host})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
-            last = err
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
 def cpu_split(pid: int) -> tuple[float, int, int]:
     """(CPU seconds, user ticks, system ticks) of a whole process. The seconds are the scheduler's exact run time of
     its threads (/proc/PID/task/*/schedstat, ns); user and system time in /proc/PID/stat are sampled at each tick
@@ -449,7 +420,7 @@ class Envoy(Proc):
             self.check()
             return self.admin("/ready").strip() == "LIVE"
 
-        wait_until(live, timeout, f"{self.name} LIVE")
+        wait_for(live, timeout, what=f"{self.name} LIVE")
 
     def requests_served(self) -> int:
         """downstream_rq_completed of every HTTP connection manager but the admin interface's."""
@@ -639,7 +610,12 @@ def start_world(world: World) -> None:
     world.path_pids["direct"] = []
 
     # Canal: the file-backed control plane on the rewritten example, and an Envoy from `canal bootstrap`.
-    gateway_port, xds_port, metrics_port, admin = free_port(), free_port(), free_port(), free_port()
+    gateway_port, xds_port, metrics_port, admin = (
+        free_port("0.0.0.0"),
+        free_port("0.0.0.0"),
+        free_port("0.0.0.0"),
+        free_port("0.0.0.0"),
+    )
     manifests = workdir / "helloworld"
     world.rewritten = helloworld_manifests(manifests, gateway_port, backend_port)
     plane = Proc(
@@ -661,9 +637,9 @@ def start_world(world: World) -> None:
 
     def plane_ready() -> bool:
         plane.check()
-        return http_get(metrics_port, "/ready")[0] == 200
+        return request(metrics_port, "/ready", "localhost").status == 200
 
-    wait_until(plane_ready, 60, "canal run /ready")
+    wait_for(plane_ready, 60, what="canal run /ready")
     config = subprocess.run(
         [
             str(CANAL),
@@ -688,8 +664,8 @@ def start_world(world: World) -> None:
     world.envoys["canal"] = gateway
 
     # The sidecar pair (client's outbound -> server's inbound -> backend) and the minimal static Envoy.
-    client_port, server_port, static_port = free_port(), free_port(), free_port()
-    admins = {name: free_port() for name in ("client", "server", "static")}
+    client_port, server_port, static_port = (free_port("0.0.0.0") for _ in range(3))
+    admins = {name: free_port("0.0.0.0") for name in ("client", "server", "static")}
     server = Envoy(
         "envoy-server-sidecar",
         static_config(admins["server"], server_port, "inbound", "backend", backend_port),
@@ -718,11 +694,11 @@ def start_world(world: World) -> None:
 
     def acked() -> bool:
         plane.check()
-        status = json.loads(http_get(metrics_port, "/status")[2])
+        status = request(metrics_port, "/status", "localhost").json
         proxies = status["xds"].get(GROUP, {}).get("proxies", [])
         return bool(proxies) and all(p["converged"] and not p.get("errors") for p in proxies)
 
-    wait_until(acked, 60, "the gateway Envoy to ACK Canal's config")
+    wait_for(acked, 60, what="the gateway Envoy to ACK Canal's config")
     world.ports.update({"canal": gateway_port, "sidecar-pair": client_port, "minimal-static": static_port})
     world.ports["sidecar-pair-server"] = server_port
     world.path_pids.update(
@@ -734,11 +710,12 @@ def start_world(world: World) -> None:
 
 def check_setup(world: World, setup: str) -> None:
     """The request the load sends gets the backend's answer, through Envoy when the setup has one."""
-    _status, headers, body = wait_until(
-        lambda: (r := http_get(world.ports[setup], REQUEST_PATH, HOST))[0] == 200 and r,
+    reply = wait_for(
+        lambda: (r := request(world.ports[setup], REQUEST_PATH, HOST)).status == 200 and r,
         20,
-        f"{setup}: 200 for GET {REQUEST_PATH} with Host {HOST}",
+        what=f"{setup}: 200 for GET {REQUEST_PATH} with Host {HOST}",
     )
+    headers, body = reply.headers, reply.body
     if body.decode() != BODY:
         raise RuntimeError(f"{setup}: unexpected body {body!r}")
     proxied = headers.get("server") == "envoy"
@@ -1016,7 +993,7 @@ def instructions_per_request(
     time on a shared machine, so it shows what a config setting costs. Instrumentation is switched on only for
     the load: a warm-up of requests, then the counters are zeroed, `--callgrind-requests` requests, a dump."""
     workdir = world.workdir
-    admin = free_port()
+    admin = free_port("0.0.0.0")
     path = workdir / f"callgrind-{name}.yaml"
     path.write_text(config if isinstance(config, str) else json.dumps(config, indent=1))
     out = workdir / f"callgrind-{name}.out"
@@ -1038,9 +1015,9 @@ def instructions_per_request(
 
         def serving() -> bool:
             valgrind.check()
-            return http_get(port, REQUEST_PATH, HOST, timeout=30)[0] == 200
+            return request(port, REQUEST_PATH, HOST, timeout=30).status == 200
 
-        wait_until(serving, 300, f"{name} under callgrind to serve", interval=0.5)
+        wait_for(serving, 300, 0.5, what=f"{name} under callgrind to serve")
         subprocess.run(["callgrind_control", "-i", "on", str(valgrind.pid)], check=True, capture_output=True)
         h2load(port, args.callgrind_warmup, args.connections)
         subprocess.run(["callgrind_control", "-z", str(valgrind.pid)], check=True, capture_output=True)
@@ -1065,9 +1042,9 @@ def count_instructions(world: World, args: argparse.Namespace) -> dict[str, floa
         ("client-sidecar", "outbound", "server-sidecar", server_sidecar),
         ("server-sidecar", "inbound", "backend", backend),
     ):
-        port = free_port()
+        port = free_port("0.0.0.0")
         log(f"callgrind: {name}")
-        config = static_config(free_port(), port, listener, cluster, upstream)
+        config = static_config(free_port("0.0.0.0"), port, listener, cluster, upstream)
         counts[name] = instructions_per_request(name, config, port, world, args)
     # The gateway listener's port is taken by the timed gateway Envoy (and Envoy binds with SO_REUSEPORT, so a
     # second one would share its connections): stop that one first; the control plane stays.
@@ -1075,8 +1052,8 @@ def count_instructions(world: World, args: argparse.Namespace) -> dict[str, floa
     log("callgrind: canal (xDS)")
     counts["canal"] = instructions_per_request("canal", world.canal_bootstrap, world.ports["canal"], world, args)
     for name, (_what, edits) in DIAGNOSTICS.items() if args.diagnose else ():
-        port = free_port()
-        config = canal_static_config(world.workdir / "helloworld", free_port(), port, edits)
+        port = free_port("0.0.0.0")
+        config = canal_static_config(world.workdir / "helloworld", free_port("0.0.0.0"), port, edits)
         log(f"callgrind: {name}")
         counts[name] = instructions_per_request(name, config, port, world, args)
     return counts

@@ -134,6 +134,21 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+_QUIET_PERIOD = click.option(
+    "--quiet-period",
+    type=click.FloatRange(0, 10),
+    default=0.1,
+    show_default=True,
+    help="Seconds of quiet that end a burst of changes; a burst is pushed once (canal controller: an isolated "
+    "change is pushed at once).",
+)
+_MAX_DELAY = click.option(
+    "--max-delay",
+    type=click.FloatRange(0, 60),
+    default=1.0,
+    show_default=True,
+    help="Longest a change waits for a burst to end (seconds).",
+)
 _DRAIN_GRACE = click.option(
     "--drain-grace",
     type=click.FloatRange(0, 3600),
@@ -167,20 +182,8 @@ _DNS_FORWARD = click.option(
     callback=_address,
     help="HTTP /metrics, /ready, /healthz and /status.",
 )
-@click.option(
-    "--quiet-period",
-    type=click.FloatRange(0, 10),
-    default=0.1,
-    show_default=True,
-    help="Seconds of quiet before a change is pushed; bursts are pushed once.",
-)
-@click.option(
-    "--max-delay",
-    type=click.FloatRange(0, 60),
-    default=1.0,
-    show_default=True,
-    help="Longest a change waits for a burst to end.",
-)
+@_QUIET_PERIOD
+@_MAX_DELAY
 @click.option(
     "--poll",
     type=click.FloatRange(0.05, 60),
@@ -557,21 +560,8 @@ def _namespaced_name(value: str, param: str) -> tuple[str, str]:
 )
 @click.option("--xds-address", default="0.0.0.0:18000", show_default=True, callback=_address)
 @click.option("--metrics-address", default="0.0.0.0:15014", show_default=True, callback=_address)
-@click.option(
-    "--quiet-period",
-    type=click.FloatRange(0, 10),
-    default=0.1,
-    show_default=True,
-    help="Seconds. An isolated change is translated at once; changes that follow it closer than this are "
-    "folded until this long passes with none.",
-)
-@click.option(
-    "--max-delay",
-    type=click.FloatRange(0, 60),
-    default=1.0,
-    show_default=True,
-    help="Longest a change waits for a burst to end (seconds).",
-)
+@_QUIET_PERIOD
+@_MAX_DELAY
 @_DRAIN_GRACE
 @click.option("--resync", type=click.FloatRange(10, 86400), default=300.0, show_default=True, help="Seconds.")
 @click.option(

@@ -70,7 +70,7 @@ def retain(new: EnvoyConfig, old: EnvoyConfig) -> EnvoyConfig:
             continue
         claimed = {domain for host in current.virtual_hosts.values() for domain in host.domains}
         hosts = dict(current.virtual_hosts)
-        for key, host in old.route_configs[name].virtual_hosts.items():
+        for key, host in config.virtual_hosts.items():
             if key not in hosts and claimed.isdisjoint(host.domains):
                 hosts[key] = host
                 claimed.update(host.domains)

@@ -106,17 +106,9 @@ def slim(obj: dict[str, Any]) -> dict[str, Any] | None:
     return obj
 
 
-class PodInformer(informers.Informer):
-    """The Pod informer of one namespace; what it delivered is what must be forgotten once it stops."""
-
-    def delivered(self) -> list[str]:
-        """The names of the Pods delivered and not deleted since (the informer's own relist record)."""
-        return [key.rpartition("/")[2] for key in list(self._known)]
-
-
 @dataclass
 class _PodWatch:
-    informer: PodInformer
+    informer: informers.Informer
     stop: threading.Event
     thread: threading.Thread
 
@@ -217,11 +209,11 @@ class KubeSource:
             ]
         return pod_namespace_bound(objects)
 
-    def pod_informers(self) -> dict[str, PodInformer]:
+    def pod_informers(self) -> dict[str, informers.Informer]:
         with self._lock:
             return {ns: w.informer for ns, w in sorted(self._pods.items())}
 
-    def watch_pods(self, namespaces: frozenset[str]) -> list[PodInformer]:
+    def watch_pods(self, namespaces: frozenset[str]) -> list[informers.Informer]:
         """Watch Pods in exactly `namespaces`: start an informer for each one not watched, stop those no longer
         in it. Returns the started informers; the caller waits for their lists before publishing what needs them.
         Blocking only when a namespace comes back while its old informer is still stopping: the old one's
@@ -231,7 +223,7 @@ class KubeSource:
                 return []
             return self._watch_pods(namespaces)
 
-    def _watch_pods(self, namespaces: frozenset[str]) -> list[PodInformer]:
+    def _watch_pods(self, namespaces: frozenset[str]) -> list[informers.Informer]:
         for namespace in sorted(self.pod_namespaces - namespaces):
             self._retire(namespace)
         started = []
@@ -239,7 +231,7 @@ class KubeSource:
             retiring = self._retiring.pop(namespace, None)
             if retiring is not None:
                 retiring.join()
-            inf = PodInformer(
+            inf = informers.Informer(
                 self._pods_api(),
                 self._pod_resource,
                 namespace,

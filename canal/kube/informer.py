@@ -429,6 +429,11 @@ class Informer:
         """How many objects were delivered and not deleted since."""
         return len(self._known)
 
+    def delivered(self) -> list[str]:
+        """The names of the objects delivered and not deleted since (what a stopped informer's consumer must
+        forget)."""
+        return [key.rpartition("/")[2] for key in list(self._known)]
+
     # -- the loop
 
     def run(self, stop: threading.Event) -> None:
